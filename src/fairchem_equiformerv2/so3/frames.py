@@ -1,0 +1,62 @@
+"""Edge-aligned frames: one rotation per edge that takes the edge direction to e3nn's polar axis.
+
+eSCN (Passaro & Zitnick 2023) rotates each message so that its edge points along the axis whose
+``m = 0`` harmonics are the only ones that do not vanish; the roll about that axis is free. The roll
+is fixed by a helper vector ``h`` not parallel to the edge ``x``:
+
+    z = normalize(x cross h),  y = x cross z,  R = rows(z, x, -y)
+
+so that ``R @ x = (0, 1, 0)``. EquiformerV2 as published draws ``h`` at random for every edge and
+call; the S2 activations make the network only approximately invariant to that roll, so the random
+choice makes two evaluations of the same atoms differ slightly. :func:`edge_frames` offers both:
+
+* ``random=True``: ``h`` uniform in ``[-0.5, 0.5]^3``, swapped for a 90-degree-rotated copy when it
+  is too close to ``x`` (fairchem's rule, so training sees the same augmentation);
+* ``random=False``: ``h`` is the coordinate axis least aligned with ``x`` (``|x . h| <= 1/sqrt(3)``);
+  the result depends only on the edge vector, so repeated evaluations are bit-identical.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _random_helper(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``[E, 3]`` random helper vectors, each replaced by a rotated copy when nearly parallel to x."""
+    h = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator) - 0.5
+    h = _normalize(h)
+    h_b = torch.stack((-h[:, 1], h[:, 0], h[:, 2]), dim=1)  # 90 degrees about z
+    h_c = torch.stack((h[:, 0], -h[:, 2], h[:, 1]), dim=1)  # 90 degrees about x
+
+    def alignment(v):
+        return (v * x).sum(dim=1, keepdim=True).abs()
+
+    h = torch.where(alignment(h) > alignment(h_b), h_b, h)
+    h = torch.where(alignment(h) > alignment(h_c), h_c, h)
+    return h
+
+
+def _axis_helper(x: torch.Tensor) -> torch.Tensor:
+    """``[E, 3]``: the coordinate axis least aligned with each unit vector of ``x [E, 3]``."""
+    axis = x.abs().argmin(dim=1)
+    return torch.nn.functional.one_hot(axis, 3).to(x.dtype)
+
+
+def edge_frames(
+    edge_vec: torch.Tensor, random: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Rotations ``[E, 3, 3]`` with ``R @ edge_vec[e] / |edge_vec[e]| = (0, 1, 0)``.
+
+    Args:
+        edge_vec: ``[E, 3]`` edge vectors (need not be normalised; must be non-zero).
+        random: draw the roll about the edge at random (see module docstring).
+        generator: random stream for ``random=True``.
+    """
+    x = _normalize(edge_vec)
+    h = _random_helper(x, generator) if random else _axis_helper(x)
+    z = _normalize(torch.cross(x, h, dim=1))
+    y = _normalize(torch.cross(x, z, dim=1))
+    return torch.stack((z, x, -y), dim=1).detach()

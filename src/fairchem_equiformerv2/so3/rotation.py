@@ -1,0 +1,45 @@
+"""Rotating features into and out of the edge-aligned frames.
+
+Into the frame: ``x_edge = D(R) x`` restricted to the rows the mmax truncation keeps, in m-major
+order. Out of it: ``x = D(R)^T x_edge`` with each kept coefficient rescaled (see :mod:`.layout`).
+Row selection, reordering and rescaling are folded into the matrices once per forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import EdgeLayout
+from .wigner import wigner_d
+
+
+@dataclass
+class EdgeRotation:
+    """Per-edge rotation matrices between the l-major node layout and an edge layout.
+
+    Attributes:
+        to_edge: ``[E, K, (lmax+1)**2]``.
+        from_edge: ``[E, (lmax+1)**2, K]``.
+    """
+
+    to_edge: torch.Tensor
+    from_edge: torch.Tensor
+
+    @classmethod
+    def from_frames(cls, frames: torch.Tensor, layout: EdgeLayout) -> EdgeRotation:
+        """Matrices for the edge frames ``frames [E, 3, 3]`` (see :func:`.frames.edge_frames`)."""
+        d = wigner_d(frames, layout.lmax)  # [E, F, F]
+        index = layout.index.to(frames.device)
+        rescale = layout.rescale.to(device=frames.device, dtype=frames.dtype)
+        to_edge = d[:, index, :]
+        from_edge = d.transpose(1, 2)[:, :, index] * rescale
+        return cls(to_edge.detach().contiguous(), from_edge.detach().contiguous())
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [E, (lmax+1)**2, C]`` (l-major) -> ``[E, K, C]`` (m-major, in the edge frame)."""
+        return torch.bmm(self.to_edge, x)
+
+    def rotate_back(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [E, K, C]`` (m-major, edge frame) -> ``[E, (lmax+1)**2, C]`` (l-major)."""
+        return torch.bmm(self.from_edge, x)

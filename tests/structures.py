@@ -1,0 +1,47 @@
+"""Periodic slab + adsorbate structures for the tests, as fairchem batches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import add_adsorbate, fcc100, fcc111, molecule
+from ase.constraints import FixAtoms
+from fairchem.core.common.data_parallel import data_list_collater
+from fairchem.core.preprocessing import AtomsToGraphs
+
+_A2G = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_edges=False, r_fixed=True, r_pbc=False)
+
+
+def slab_with_adsorbate(metal: str = "Cu", facet: str = "111", adsorbate: str = "CO", seed: int = 0) -> Atoms:
+    """A 2x2x3 slab, bottom layer fixed, an adsorbate on top, positions rattled."""
+    build = fcc111 if facet == "111" else fcc100
+    slab = build(metal, size=(2, 2, 3), vacuum=6.0)
+    ads = molecule(adsorbate) if len(adsorbate) > 1 else Atoms(adsorbate)
+    add_adsorbate(slab, ads, height=1.8, position="ontop")
+    layer = np.round(slab.positions[:, 2], 1)
+    tags = np.where(np.arange(len(slab)) >= len(slab) - len(ads), 2, np.where(layer > layer.min(), 1, 0))
+    slab.set_tags(tags)
+    slab.set_constraint(FixAtoms(mask=tags == 0))
+    slab.rattle(0.05, seed=seed)
+    slab.pbc = True
+    return slab
+
+
+def default_structures() -> list[Atoms]:
+    return [
+        slab_with_adsorbate("Cu", "111", "CO", seed=0),
+        slab_with_adsorbate("Pt", "100", "O", seed=1),
+        slab_with_adsorbate("Ag", "111", "OH", seed=2),
+    ]
+
+
+def to_batch(structures: list[Atoms], dtype: torch.dtype = torch.float32):
+    """A fairchem ``Batch`` of the structures (``pos``, ``cell``, ``atomic_numbers``, ``natoms``, ...)."""
+    data = []
+    for i, atoms in enumerate(structures):
+        d = _A2G.convert(atoms)
+        d.sid, d.fid = i, 0
+        d.tags = torch.as_tensor(atoms.get_tags(), dtype=torch.long)
+        d.pos, d.cell = d.pos.to(dtype), d.cell.to(dtype)
+        data.append(d)
+    return data_list_collater(data, otf_graph=True)
