@@ -42,6 +42,8 @@ def to_batch(structures: list[Atoms], dtype: torch.dtype = torch.float32):
         d = _A2G.convert(atoms)
         d.sid, d.fid = i, 0
         d.tags = torch.as_tensor(atoms.get_tags(), dtype=torch.long)
-        d.pos, d.cell = d.pos.to(dtype), d.cell.to(dtype)
+        # from ASE directly: AtomsToGraphs rounds to float32
+        d.pos = torch.tensor(atoms.positions, dtype=dtype)
+        d.cell = torch.tensor(atoms.cell.array, dtype=dtype).unsqueeze(0)
         data.append(d)
     return data_list_collater(data, otf_graph=True)

@@ -88,3 +88,39 @@ def test_weights_really_differ_between_variants(batch):
     _, a = build_pair(PUBLISHED["oc20_s2ef_31M"], {"energy": {}}, seed=0)
     _, b = build_pair(PUBLISHED["oc20_s2ef_31M"], {"energy": {}}, seed=1)
     assert max_relative_difference(a(batch)["energy"]["energy"], b(batch)["energy"]["energy"]) > 1e-3
+
+
+def test_oc22_energy_references_against_legacy_model(batch):
+    """OC22 models add per-element linear references to the energy (use_energy_lin_ref). fairchem's
+    hydra heads ignore the flag; its older single-model ``equiformer_v2`` applies it, so that model is
+    the oracle here (which also exercises the mapping of the older checkpoint layout)."""
+    import logging
+
+    from fairchem.core.common.registry import registry
+    from fairchem.core.models.base import HydraModel
+    from oracle import OUR_HEADS, SMALL
+
+    from fairchem_equiformerv2.checkpoints import load_fairchem_weights
+    from fairchem_equiformerv2.so3.frames import edge_frames
+
+    args = {**SMALL, **PUBLISHED["oc20_s2ef_83M"], "use_energy_lin_ref": True, "load_energy_lin_ref": True}
+    logging.disable(logging.WARNING)
+    torch.manual_seed(0)
+    legacy = registry.get_model_class("equiformer_v2")(**args)
+    logging.disable(logging.NOTSET)
+    with torch.no_grad():
+        for p in legacy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        legacy.energy_lin_ref.copy_(torch.randn_like(legacy.energy_lin_ref))
+    legacy._init_edge_rot_mat = lambda data, edge_index, edge_vec: edge_frames(edge_vec)
+    ours = HydraModel(
+        backbone={"model": "fairchem_equiformerv2.EquiformerV2Backbone", **args},
+        heads={"energy": {"module": OUR_HEADS["energy"]}, "forces": {"module": OUR_HEADS["forces"]}},
+    )
+    load_fairchem_weights(ours, {"module." + k: v for k, v in legacy.state_dict().items()})
+    expected, got = legacy.eval()(batch), ours.eval()(batch)
+    assert max_relative_difference(expected["energy"], got["energy"]["energy"]) <= TOLERANCE
+    assert max_relative_difference(expected["forces"], got["forces"]["forces"]) <= TOLERANCE
+    # and the references do matter
+    ours.backbone.use_energy_lin_ref = False
+    assert max_relative_difference(expected["energy"], ours(batch)["energy"]["energy"]) > 1e-2

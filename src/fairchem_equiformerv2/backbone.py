@@ -20,7 +20,7 @@ from .nn.attention import GraphAttention
 from .nn.block import EquiformerV2Block
 from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
 from .nn.feed_forward import FeedForward
-from .nn.norm import make_norm
+from .nn.norm import NORM_TYPES, make_norm
 from .nn.radial import EdgeTypeEmbedding, GaussianBasis
 from .so3.frames import edge_frames
 from .so3.layout import EdgeLayout
@@ -140,7 +140,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         )
         _check(edge_roll in EDGE_ROLLS, f"edge_roll={edge_roll!r}: must be one of {EDGE_ROLLS}")
         _check(max_num_elements >= 1, f"max_num_elements={max_num_elements}: must be positive")
-        make_norm(norm_type, 1, 1)  # raises on an unknown norm_type, naming it
+        _check(norm_type in NORM_TYPES, f"norm_type={norm_type!r}: must be one of {NORM_TYPES}")
         if num_distance_basis != 512:
             logging.warning(
                 "num_distance_basis=%s is ignored, as in fairchem's EquiformerV2: distances always use %d Gaussians",
@@ -250,18 +250,59 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         if not torch.isfinite(data.pos).all():
             atom = int((~torch.isfinite(data.pos)).any(dim=1).nonzero()[0])
             raise ValueError(f"atom {atom} has a non-finite position {data.pos[atom].tolist()}")
+        self._check_no_coincident_atoms(data)
         return atomic_numbers
 
-    def forward(self, data) -> dict:
-        atomic_numbers = self._check_input(data)
-        graph = self.generate_graph(data, enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly)
-        edge_index = graph.edge_index
+    def _check_no_coincident_atoms(self, data) -> None:
+        """fairchem's neighbour search silently drops pairs closer than 0.01 A; refuse them instead.
+        Positions (fractional and wrapped when periodic) are binned to 1e-5 and compared per structure."""
+        key = data.pos.double()
+        if self.use_pbc and "cell" in data:
+            key = torch.linalg.solve(data.cell.double()[data.batch].transpose(1, 2), key.unsqueeze(2)).squeeze(2)
+            key = torch.remainder(torch.round(key * 1e5), 1e5)
+        else:
+            key = torch.round(key * 1e5)
+        key = torch.cat((data.batch.unsqueeze(1).double(), key), dim=1)
+        _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+        if (counts > 1).any():
+            pair = (inverse == int((counts > 1).nonzero()[0])).nonzero().flatten()[:2].tolist()
+            raise ValueError(f"atoms {pair[0]} and {pair[1]} are at the same position {data.pos[pair[0]].tolist()}")
+
+    def _build_graph(self, data):
+        """fairchem's on-the-fly radius graph (``GraphData``), edge vectors in the input's dtype.
+
+        fairchem's neighbour search works in float32 only: a float64 batch is searched in float32
+        and its edge vectors are then measured in float64 from the positions and cell offsets.
+        """
+        search = data
+        if data.pos.dtype != torch.float32:
+            search = data.clone()
+            search.pos = data.pos.float()
+            if "cell" in data:
+                search.cell = data.cell.float()
+        graph = self.generate_graph(search, enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly)
+        source, target = graph.edge_index
+        if self.use_pbc and graph.cell_offsets.shape[0] != source.shape[0]:
+            raise ValueError("two atoms are at the same position (fairchem dropped their zero-length edge)")
+        if search is not data:
+            vec = data.pos[source] - data.pos[target]
+            if self.use_pbc:
+                offsets = torch.bmm(graph.cell_offsets.to(vec.dtype).unsqueeze(1), data.cell[data.batch[source]])
+                graph.offset_distances = offsets.squeeze(1)
+                vec = vec + graph.offset_distances
+            graph.edge_distance_vec, graph.edge_distance = vec, vec.norm(dim=-1)
         if graph.edge_distance.numel() and graph.edge_distance.min() < 1e-4:
             e = int(graph.edge_distance.argmin())
             raise ValueError(
-                f"atoms {int(edge_index[0, e])} and {int(edge_index[1, e])} are at the same position "
+                f"atoms {int(source[e])} and {int(target[e])} are at the same position "
                 f"(distance {float(graph.edge_distance[e]):.2e} A): the edge has no direction"
             )
+        return graph
+
+    def forward(self, data) -> dict:
+        atomic_numbers = self._check_input(data)
+        graph = self._build_graph(data)
+        edge_index = graph.edge_index
 
         frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
         rotation = EdgeRotation.from_frames(frames, self.layout)

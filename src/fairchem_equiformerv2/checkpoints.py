@@ -114,3 +114,458 @@ def load_fairchem_weights(model: torch.nn.Module, state_dict: Mapping[str, torch
     if wrong:
         raise WeightMappingError("weight shapes do not match the model's configuration: " + "; ".join(wrong))
     model.load_state_dict(mapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole checkpoints: read, check, convert, fix.
+#
+# A fairchem checkpoint is what ``BaseTrainer.save`` writes with ``torch.save``: a dict with
+# ``state_dict`` (weights, keys with ``module.`` when the trainer wrapped the model), ``config``
+# (the run's whole config: ``model``, ``outputs``, ``loss_functions``, ``optim``, ``dataset``, ...),
+# ``normalizers`` and ``elementrefs`` (``{target: module state_dict}``), ``ema`` (``decay``,
+# ``num_updates``, ``shadow_params`` and ``collected_params``: lists of tensors in the order of
+# ``model.parameters()`` that require grad), ``amp``, and training state (``optimizer``,
+# ``scheduler``, ``epoch``, ``step``, ...).
+#
+# Loading safety: we read checkpoints with ``torch.load(weights_only=True)``, which only rebuilds
+# tensors and plain containers (dict, list, str, int, float, bool, None, OrderedDict), so a
+# crafted file cannot run code. fairchem's own checkpoints (1.x) load that way: every value above
+# is a tensor or a plain container. What does not: files whose pickle holds other Python objects,
+# e.g. numpy scalars or arrays in ``val_metrics``/``config`` written by older OCP versions, or a
+# pickled ``argparse.Namespace``. Those are refused with the offending global named; a caller who
+# trusts the file may pass ``trust=True`` (``--trust`` on the command line) to unpickle fully.
+# fairchem itself (``OCPCalculator``, ``BaseTrainer.load_checkpoint``) always unpickles fully
+# (``torch.load`` without ``weights_only``, torch 2.4's default): the files we write contain only
+# weights-only types, and :func:`calculator` reads a checkpoint with ``weights_only=True`` before
+# handing it to fairchem, so nothing is unpickled by fairchem that we did not check.
+# ---------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import UserInputError  # noqa: E402
+
+PLUGIN_BACKBONE = "fairchem_equiformerv2.EquiformerV2Backbone"
+FAIRCHEM_BACKBONES = ("equiformer_v2_backbone",)
+LEGACY_MODEL = "equiformer_v2"
+#: fairchem's EquiformerV2 head modules -> ours (the deprecated wrappers have the same weights).
+HEAD_MODULES = {
+    "equiformerV2_scalar_head": "fairchem_equiformerv2.EnergyHead",
+    "equiformer_v2_energy_head": "fairchem_equiformerv2.EnergyHead",
+    "equiformerV2_vector_head": "fairchem_equiformerv2.ForceHead",
+    "equiformer_v2_force_head": "fairchem_equiformerv2.ForceHead",
+    "rank2_symmetric_head": "fairchem_equiformerv2.StressHead",
+}
+PLUGIN_HEADS = frozenset(HEAD_MODULES.values())
+#: Task names fairchem 1.10 stores as ``config["trainer"]`` (``new_trainer_context``); they are
+#: not trainer names, so ``OCPCalculator(checkpoint_path=...)`` fails on them without ``trainer=``.
+TASK_NAMES_SAVED_AS_TRAINER = ("s2ef", "is2re", "ocp", "multitask")
+#: The trainer written into converted/fixed checkpoints: fairchem's ``OCPTrainer`` (the same
+#: class as its ``forces`` and ``energy`` trainers), which runs every single-task model.
+INFERENCE_TRAINER = "ocp"
+REQUIRED_KEYS = ("state_dict", "config")
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
+    """Load a fairchem checkpoint on the CPU after checking it is one.
+
+    Refuses, with :class:`CheckpointError`: a missing path or a directory, an empty, truncated or
+    corrupted file (zip CRCs are verified before unpickling), a pickle with Python objects other
+    than tensors and plain containers (unless ``trust``), and a dict without ``state_dict`` and
+    ``config``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty")
+    if zipfile.is_zipfile(path):  # torch.save's format since torch 1.6
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # reads every entry and checks its CRC-32
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {e}") from None
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupted: entry {bad!r} fails its CRC check")
+    elif path.stat().st_size < 1 << 20 and not _looks_like_legacy_torch_file(path):
+        # torch.load of a truncated zip that lost its directory lands here too
+        raise CheckpointError(f"checkpoint {path} is truncated or not a torch checkpoint (no zip archive found)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if not trust and ("weights_only" in message or "Unsupported global" in message):
+            culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+            what = f" ({culprit.group(1)})" if culprit else ""
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers{what}, "
+                "which torch.load(weights_only=True) refuses because unpickling them can run code; "
+                "if you trust the file's origin, pass trust=True (command line: --trust)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {_first_line(e)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted: {_first_line(e)}") from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint {path}: a {type(checkpoint).__name__}, not a fairchem checkpoint (a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not a fairchem trainer checkpoint: no {' or '.join(repr(k) for k in missing)} "
+            f"(keys: {sorted(map(str, checkpoint))[:12]})"
+        )
+    if not isinstance(checkpoint["config"], Mapping) or not isinstance(checkpoint["state_dict"], Mapping):
+        raise CheckpointError(f"checkpoint {path}: 'config' and 'state_dict' must be dicts")
+    return dict(checkpoint)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _looks_like_legacy_torch_file(path: Path) -> bool:
+    """torch.save's pre-1.6 format starts with a pickle protocol header (``0x80``)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+# --- the model a checkpoint describes ----------------------------------------------------------
+
+def checkpoint_kind(config: Mapping) -> str:
+    """``"legacy"`` (fairchem's single-model ``equiformer_v2``), ``"hydra"`` (fairchem's backbone
+    and heads) or ``"plugin"`` (ours already). Anything else raises :class:`CheckpointError`."""
+    model = config.get("model")
+    if isinstance(model, str):  # fairchem's older layout: model name + model_attributes
+        if model == LEGACY_MODEL and isinstance(config.get("model_attributes"), Mapping):
+            return "legacy"
+        raise CheckpointError(f"the checkpoint's model is {model!r}, not EquiformerV2 ({LEGACY_MODEL!r} or a hydra model)")
+    if not isinstance(model, Mapping):
+        raise CheckpointError(f"the checkpoint's config has no model section (model: {model!r})")
+    name = model.get("name", model.get("model"))
+    if name == LEGACY_MODEL:
+        return "legacy"
+    if name != "hydra":
+        raise CheckpointError(f"the checkpoint's model is {name!r}, not EquiformerV2 ({LEGACY_MODEL!r} or a hydra model)")
+    backbone = (model.get("backbone") or {}).get("model")
+    heads = {h: (c or {}).get("module") for h, c in (model.get("heads") or {}).items()}
+    if backbone == PLUGIN_BACKBONE:
+        known, kind = set(PLUGIN_HEADS), "plugin"
+    elif backbone in FAIRCHEM_BACKBONES:
+        known, kind = set(HEAD_MODULES), "hydra"
+    else:
+        raise CheckpointError(
+            f"the checkpoint's backbone is {backbone!r}, not EquiformerV2 ({FAIRCHEM_BACKBONES[0]!r} or {PLUGIN_BACKBONE!r})"
+        )
+    unknown = {h: m for h, m in heads.items() if m not in known}
+    if unknown:
+        raise CheckpointError(f"heads with modules this plugin has no equivalent for: {unknown} (known: {sorted(known)})")
+    if not heads:
+        raise CheckpointError("the checkpoint's hydra model has no heads")
+    return kind
+
+
+def _legacy_model_config(config: Mapping, state_dict: Mapping) -> tuple[dict, dict]:
+    """(hydra model config with our classes, outputs) for fairchem's single-model layout."""
+    model = config["model"]
+    attributes = dict(config["model_attributes"]) if isinstance(model, str) else dict(model)
+    attributes.pop("name", None)
+    attributes.pop("model", None)
+    keys = strip_prefix(state_dict)
+    heads = {"energy": {"module": "fairchem_equiformerv2.EnergyHead"}}
+    outputs = {"energy": {"level": "system", "property": "energy"}}
+    if any(k.startswith("force_block.") for k in keys):
+        heads["forces"] = {"module": "fairchem_equiformerv2.ForceHead"}
+        old = (config.get("outputs") or {}).get("forces", {})
+        task = config.get("task") or {}
+        outputs["forces"] = {
+            "level": "atom", "property": "forces",
+            "train_on_free_atoms": old.get("train_on_free_atoms", task.get("train_on_free_atoms", False)),
+            "eval_on_free_atoms": old.get("eval_on_free_atoms", task.get("eval_on_free_atoms", True)),
+        }
+    backbone = {"model": PLUGIN_BACKBONE, **attributes}
+    return {"name": "hydra", "backbone": backbone, "heads": heads, "otf_graph": True}, outputs
+
+
+def _legacy_training_sections(config: Mapping, outputs: dict) -> dict:
+    """``loss_functions`` and ``evaluation_metrics`` for an older config that lacks them, as
+    fairchem's ``update_config`` would write them (so that fairchem does not try again on load)."""
+    energy = {"energy": {"fn": config.get("optim", {}).get("loss_energy", "mae"),
+                         "coefficient": config.get("optim", {}).get("energy_coefficient", 1)}}
+    if "forces" not in outputs:
+        return {"loss_functions": [energy],
+                "evaluation_metrics": {"metrics": {"energy": ["mae", "mse", "energy_within_threshold"]}}}
+    forces = {"forces": {"fn": config.get("optim", {}).get("loss_forces", "l2mae"),
+                         "coefficient": config.get("optim", {}).get("force_coefficient", 30)}}
+    metrics = {"misc": ["energy_forces_within_threshold"], "energy": ["mae"],
+               "forces": ["forcesx_mae", "forcesy_mae", "forcesz_mae", "mae", "cosine_similarity", "magnitude_error"]}
+    return {"loss_functions": [energy, forces], "evaluation_metrics": {"metrics": metrics}}
+
+
+def convert_config(config: Mapping, state_dict: Mapping | None = None) -> dict:
+    """A fairchem EquiformerV2 checkpoint config -> the same run with the plugin's classes.
+
+    Keeps everything else (outputs, normalizer settings, optim, task, ...); writes a trainer name
+    that ``OCPCalculator(checkpoint_path=...)`` finds; makes ``dataset`` a dict with a ``src`` (as
+    ``OCPCalculator`` expects); drops ``finetune_config`` (the weights come from this checkpoint).
+    The original model section and trainer are kept under ``config["converted_from"]``.
+    """
+    kind = checkpoint_kind(config)
+    new = copy.deepcopy(dict(config))
+    original = {"model": copy.deepcopy(config.get("model")), "trainer": config.get("trainer")}
+    if kind == "legacy":
+        model, outputs = _legacy_model_config(config, state_dict or {})
+        new.pop("model_attributes", None)
+        new["model"] = model
+        old_outputs = config.get("outputs") or {}
+        new["outputs"] = {k: {**old_outputs.get(k, {}), **v} for k, v in outputs.items()}
+        if not config.get("loss_functions"):
+            for key in ("loss_fns", "eval_metrics"):  # early 2.0 names
+                new.pop(key, None)
+            new.update(_legacy_training_sections(config, outputs))
+        original["model_attributes"] = copy.deepcopy(config.get("model_attributes"))
+    else:
+        model = new["model"]
+        model.pop("finetune_config", None)
+        model["backbone"]["model"] = PLUGIN_BACKBONE
+        for head in model["heads"].values():
+            head["module"] = HEAD_MODULES.get(head["module"], head["module"])
+        model["otf_graph"] = True
+    if kind != "plugin":
+        new["converted_from"] = original
+    new["trainer"] = loadable_trainer(config.get("trainer"))
+    dataset = new.get("dataset")
+    if isinstance(dataset, list):
+        dataset = dataset[0] if dataset else {}
+    new["dataset"] = {"src": "", **(dataset or {})}
+    new.setdefault("task", {})
+    new.setdefault("optim", {})
+    return new
+
+
+def loadable_trainer(name: str | None) -> str:
+    """A trainer name fairchem's registry finds for this checkpoint's ``config["trainer"]``."""
+    from fairchem.core.common.registry import registry
+
+    if not name or name in TASK_NAMES_SAVED_AS_TRAINER:
+        return INFERENCE_TRAINER
+    try:
+        found = registry.get_trainer_class(name) is not None
+    except Exception:  # noqa: BLE001  (registry raises RuntimeError with a long message)
+        found = False
+    return name if found else INFERENCE_TRAINER
+
+
+def build_model(model_config: Mapping) -> torch.nn.Module:
+    """Our hydra model (CPU, eval mode) for a converted ``config["model"]``; configuration errors
+    are reported as :class:`CheckpointError` naming the argument."""
+    import warnings
+
+    from fairchem.core.common.utils import setup_imports
+    from fairchem.core.models.base import HydraModel
+
+    setup_imports()
+    args = {k: v for k, v in copy.deepcopy(dict(model_config)).items() if k != "name"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HydraModel(**args)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint's model configuration does not build: {e}") from None
+    return model.eval()
+
+
+def _check_against_model(mapped: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless ``mapped`` (our key names, no prefix) has exactly the
+    model's keys (derived buffers aside) with the model's shapes."""
+    ours = {k: v for k, v in model.state_dict().items() if not is_derived_buffer(k)}
+    mapped = {k: v for k, v in mapped.items() if not is_derived_buffer(k)}
+    unknown, missing = sorted(set(mapped) - set(ours)), sorted(set(ours) - set(mapped))
+    if unknown or missing:
+        raise CheckpointError(
+            "weights do not match the model the checkpoint's config describes: "
+            + (f"unknown keys {unknown}; " if unknown else "")
+            + (f"missing keys {missing}" if missing else "")
+        )
+    wrong = [f"{k}: {tuple(v.shape)} in the weights, {tuple(ours[k].shape)} in the config's model"
+             for k, v in mapped.items() if tuple(v.shape) != tuple(ours[k].shape)]
+    if wrong:
+        raise CheckpointError("weights do not match the checkpoint's configuration: " + "; ".join(wrong))
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of ``model.parameters()`` that require grad, in order: the order of EMA lists."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def convert_ema(
+    ema: Mapping, fairchem_state_dict: Mapping[str, torch.Tensor], mapped_keys: Mapping[str, str],
+    model: torch.nn.Module,
+) -> dict:
+    """fairchem's EMA state -> ours, parameter by parameter by name.
+
+    ``shadow_params`` (and ``collected_params`` when not empty) follow fairchem's
+    ``model.parameters()`` order. ``state_dict`` lists every module's parameters in that same
+    order, interleaved with buffers; so fairchem's trainable parameters, in order, are the
+    ``state_dict`` keys whose mapped key is one of our trainable parameters. Each list entry is
+    paired with its name and shape-checked, then the list is rebuilt in our parameter order.
+    """
+    ours = dict(model.named_parameters())
+    our_order = trainable_parameter_names(model)
+    theirs = [mapped_keys[k] for k in fairchem_state_dict if mapped_keys.get(k) in ours and ours[mapped_keys[k]].requires_grad]
+    new = dict(ema)
+    for field in ("shadow_params", "collected_params"):
+        values = ema.get(field)
+        if not values:
+            continue
+        if len(values) != len(theirs):
+            raise CheckpointError(
+                f"ema.{field} has {len(values)} tensors but the model has {len(theirs)} trainable parameters"
+            )
+        by_name = {}
+        for name, value in zip(theirs, values):
+            if tuple(value.shape) != tuple(ours[name].shape):
+                raise CheckpointError(
+                    f"ema.{field}: the entry for {name} has shape {tuple(value.shape)}, the parameter {tuple(ours[name].shape)}"
+                )
+            by_name[name] = value
+        new[field] = [by_name[n] for n in our_order]
+    return new
+
+
+def _mapped_key_table(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """fairchem key (as stored) -> our key (no prefix), for every non-derived key."""
+    prefixed = bool(state_dict) and all(k.startswith("module.") for k in state_dict)
+    legacy = is_legacy_layout(strip_prefix(state_dict))
+    table = {}
+    for key in state_dict:
+        bare = key[len("module."):] if prefixed else key
+        if not is_derived_buffer(bare):
+            table[key] = plugin_key(hydra_key(bare) if legacy else bare)
+    return table
+
+
+def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
+    """In memory: a fairchem EquiformerV2 checkpoint -> the plugin's (see :func:`convert_checkpoint`)."""
+    config, state_dict = checkpoint["config"], checkpoint["state_dict"]
+    kind = checkpoint_kind(config)
+    new_config = convert_config(config, state_dict)
+    model = build_model(new_config["model"])
+    prefix = "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
+    if kind == "plugin":
+        mapped = strip_prefix(state_dict)
+        mapped_keys = {k: k[len(prefix):] for k in state_dict}
+    else:
+        try:
+            mapped = map_fairchem_state_dict(state_dict)
+        except WeightMappingError as e:
+            raise CheckpointError(str(e)) from None
+        mapped_keys = _mapped_key_table(state_dict)
+    _check_against_model(mapped, model)
+
+    new = dict(checkpoint)
+    new["config"] = new_config
+    ordered = [k for k in model.state_dict() if k in mapped]  # our order, for readability
+    new["state_dict"] = {prefix + k: mapped[k] for k in ordered}
+    if checkpoint.get("ema") and kind != "plugin":
+        new["ema"] = convert_ema(checkpoint["ema"], state_dict, mapped_keys, model)
+    if kind != "plugin":
+        # optimizer state is indexed by fairchem's parameter order and its scheduler goes with it:
+        # they cannot resume our model's training; drop them (the weights and EMA carry over).
+        for key in ("optimizer", "scheduler"):
+            new.pop(key, None)
+    new.setdefault("normalizers", {})
+    new.setdefault("elementrefs", {})
+    new.setdefault("amp", None)
+    return new
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, trust: bool = False, overwrite: bool = False
+) -> Path:
+    """Read a fairchem EquiformerV2 checkpoint and write one that uses the plugin's classes.
+
+    Both fairchem layouts are read: the older single-model one (``config["model"] ==
+    "equiformer_v2"`` with ``model_attributes``; weights at the top with ``energy_block`` /
+    ``force_block``; the public OC20 checkpoints) becomes a hydra model with heads ``energy`` and
+    (when there is a ``force_block``) ``forces``; the hydra one keeps its head names. Weights are
+    mapped with :func:`map_fairchem_state_dict` and checked against the model the new config
+    builds (keys and shapes); the EMA lists are rebuilt in our parameter order; normalizers,
+    element references, ``amp`` and the rest of the config are kept; the optimizer and scheduler
+    states are dropped (they are tied to fairchem's parameter order). A checkpoint that already
+    uses the plugin is checked and gets a loadable trainer name (as :func:`fix_checkpoint`).
+
+    Returns the path written. Raises :class:`CheckpointError` for anything it cannot convert.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass overwrite=True (command line: --force) to replace it")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"source and destination are the same file: {src}")
+    checkpoint = read_checkpoint(src, trust=trust)
+    try:
+        new = convert_checkpoint_dict(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    _atomic_save(new, dst)
+    return dst
+
+
+def fix_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, trust: bool = False) -> Path:
+    """Make a checkpoint trained with the plugin load in ``OCPCalculator(checkpoint_path=...)``.
+
+    fairchem 1.10 saves the task name (``s2ef``, ``is2re``) as ``config["trainer"]`` for runs of its
+    ``forces``/``energy``/``equiformerv2_*`` trainers, and ``OCPCalculator`` then fails with
+    "Failed to find the trainer 's2ef'". This writes fairchem's ``ocp`` trainer instead (and a
+    ``dataset.src`` when missing), after checking the weights against the config. ``dst`` defaults
+    to ``src`` (rewritten in place, atomically).
+    """
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src
+    checkpoint = read_checkpoint(src, trust=trust)
+    try:
+        if checkpoint_kind(checkpoint["config"]) != "plugin":
+            raise CheckpointError("not a plugin checkpoint; use convert-checkpoint for fairchem's EquiformerV2")
+        new = convert_checkpoint_dict(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    _atomic_save(new, dst)
+    return dst
+
+
+def _atomic_save(obj, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, dst)
+    logging.info("wrote %s", dst)
+
+
+def calculator(checkpoint_path: str | os.PathLike, *, cpu: bool = True, trust: bool = False, **kwargs):
+    """fairchem's ``OCPCalculator`` for an EquiformerV2 checkpoint, without the trainer-name trap.
+
+    Reads the checkpoint with ``weights_only=True`` first (refusing what :func:`read_checkpoint`
+    refuses), checks it describes EquiformerV2 and that its weights fit its config, picks a
+    trainer name fairchem finds (unless ``trainer=`` is given) and returns
+    ``OCPCalculator(checkpoint_path=..., cpu=cpu, trainer=..., **kwargs)``. A fairchem
+    EquiformerV2 checkpoint that was not converted runs on fairchem's own model.
+    """
+    from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+
+    checkpoint = read_checkpoint(checkpoint_path, trust=trust)
+    try:
+        kind = checkpoint_kind(checkpoint["config"])
+        if kind == "plugin":
+            _check_against_model(strip_prefix(checkpoint["state_dict"]), build_model(checkpoint["config"]["model"]))
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint_path}: {e}") from None
+    trainer = kwargs.pop("trainer", None) or loadable_trainer(checkpoint["config"].get("trainer"))
+    return OCPCalculator(checkpoint_path=str(checkpoint_path), cpu=cpu, trainer=trainer, **kwargs)

@@ -12,8 +12,10 @@ choice makes two evaluations of the same atoms differ slightly. :func:`edge_fram
 
 * ``random=True``: ``h`` uniform in ``[-0.5, 0.5]^3``, swapped for a 90-degree-rotated copy when it
   is too close to ``x`` (fairchem's rule, so training sees the same augmentation);
-* ``random=False``: ``h`` is the coordinate axis least aligned with ``x`` (``|x . h| <= 1/sqrt(3)``);
-  the result depends only on the edge vector, so repeated evaluations are bit-identical.
+* ``random=False``: ``h`` is a fixed generic direction ``h0``, or a second one ``h1`` for edges
+  within ~25 degrees of ``h0`` (``|x . h0| > 0.9``). The result depends only on the edge vector, so
+  repeated evaluations are bit-identical; and since ``h0`` lines up with no crystal axis, symmetric
+  structures do not sit on the switch, where rounding could flip the choice.
 """
 from __future__ import annotations
 
@@ -39,10 +41,16 @@ def _random_helper(x: torch.Tensor, generator: torch.Generator | None) -> torch.
     return h
 
 
-def _axis_helper(x: torch.Tensor) -> torch.Tensor:
-    """``[E, 3]``: the coordinate axis least aligned with each unit vector of ``x [E, 3]``."""
-    axis = x.abs().argmin(dim=1)
-    return torch.nn.functional.one_hot(axis, 3).to(x.dtype)
+# Two fixed, generic and nearly orthogonal helper directions (h0 . h1 ~ 0.05).
+_H0 = (1.0, 2.0**0.5, 5.0**0.5)
+_H1 = (-(3.0**0.5), 2.0, -(0.5**0.5))
+
+
+def _fixed_helper(x: torch.Tensor) -> torch.Tensor:
+    """``[E, 3]``: ``h0`` for each unit vector of ``x [E, 3]``, ``h1`` where ``|x . h0| > 0.9``."""
+    h0 = _normalize(x.new_tensor(_H0))
+    h1 = _normalize(x.new_tensor(_H1))
+    return torch.where((x @ h0).abs().unsqueeze(1) > 0.9, h1, h0)
 
 
 def edge_frames(
@@ -56,7 +64,7 @@ def edge_frames(
         generator: random stream for ``random=True``.
     """
     x = _normalize(edge_vec)
-    h = _random_helper(x, generator) if random else _axis_helper(x)
+    h = _random_helper(x, generator) if random else _fixed_helper(x)
     z = _normalize(torch.cross(x, h, dim=1))
     y = _normalize(torch.cross(x, z, dim=1))
     return torch.stack((z, x, -y), dim=1).detach()

@@ -1,0 +1,207 @@
+"""Small S2EF and IS2RE datasets in fairchem's LMDB format, labelled with ASE's EMT.
+
+Layout written by :func:`make_demo_data` (``OUT`` is the output folder)::
+
+    OUT/s2ef/{train,val,test}/data.lmdb      + metadata.npz
+    OUT/is2re/{train,val,test}/data.lmdb     + metadata.npz
+
+Each LMDB entry is a ``torch_geometric.data.Data`` built by fairchem's own
+``AtomsToGraphs`` (``r_edges=False``: graphs are made on the fly), as in the OC20 LMDBs:
+
+====================  ==================  ==========================================
+key                   type / shape        meaning
+====================  ==================  ==========================================
+``pos``               float32 [N, 3]      positions (Å), wrapped into the cell
+``cell``              float32 [1, 3, 3]   lattice vectors as rows (Å)
+``atomic_numbers``    uint8 [N]           (what ``AtomsToGraphs`` stores)
+``natoms``            int                 N
+``tags``              int64 [N]           0 sub-surface (fixed), 1 surface, 2 adsorbate
+``fixed``             int32 [N]           1 for fixed atoms, else 0
+``sid``               int                 system id, unique over all splits of a task
+S2EF only:
+``fid``               int                 frame id within system ``sid``
+``energy``            float               EMT total energy (eV)
+``forces``            float32 [N, 3]      EMT forces (eV/Å), fixed atoms included
+IS2RE only:
+``y_init``            float               EMT energy of the initial structure (eV)
+``y_relaxed``         float               EMT energy of the relaxed structure (eV)
+``pos_relaxed``       float32 [N, 3]      relaxed positions: ``pos`` + displacement
+====================  ==================  ==========================================
+
+IS2RE entries have no ``fid``: fairchem's ``predict`` names a prediction ``f"{sid}_{fid}"``
+when ``fid`` is present and ``f"{sid}"`` otherwise, and IS2RE submissions are keyed by sid.
+
+The same ``seed`` (and sizes) gives byte-identical files: every system draws from its own
+generator ``numpy.random.default_rng([seed, task, split, system])``, so the sizes of one
+split do not change the contents of another.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from fairchem.core.preprocessing import AtomsToGraphs
+from torch_geometric.data import Data
+from tqdm import tqdm
+
+from .demo_structures import displaced, emt_relaxation, labelled, random_system
+from .errors import UserInputError
+from .lmdb_writer import write_lmdb, write_metadata
+
+TASKS: tuple[str, ...] = ("s2ef", "is2re")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Default number of frames (S2EF) / systems (IS2RE) per split.
+DEFAULT_S2EF_SIZES: dict[str, int] = {"train": 200, "val": 50, "test": 50}
+DEFAULT_IS2RE_SIZES: dict[str, int] = {"train": 60, "val": 20, "test": 20}
+
+#: System ids of split ``k`` (0 train, 1 val, 2 test) start at ``k * SID_STRIDE``.
+SID_STRIDE = 1_000_000
+
+#: S2EF: optimizer steps per trajectory, rattled copies per system and their noise (Å).
+S2EF_TRAJECTORY_STEPS = 5
+S2EF_RATTLED_PER_SYSTEM = 2
+S2EF_RATTLE_STDEV = 0.08
+
+#: IS2RE: relaxation convergence (eV/Å) and step limit.
+IS2RE_FMAX = 0.1
+IS2RE_MAX_STEPS = 100
+
+_A2G_LABELLED = AtomsToGraphs(r_energy=True, r_forces=True, r_edges=False, r_fixed=True, r_distances=False)
+_A2G_UNLABELLED = AtomsToGraphs(r_energy=False, r_forces=False, r_edges=False, r_fixed=True, r_distances=False)
+
+
+def make_demo_data(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    s2ef_sizes: Mapping[str, int] | None = None,
+    is2re_sizes: Mapping[str, int] | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Path]]:
+    """Write the demo S2EF and IS2RE datasets under ``out_dir``.
+
+    Args:
+        out_dir: output folder (created if needed); existing demo files are replaced.
+        seed: the random seed; the same seed and sizes give byte-identical files.
+        s2ef_sizes: frames per split, e.g. ``{"train": 200, "val": 50, "test": 50}``;
+            missing splits take :data:`DEFAULT_S2EF_SIZES`.
+        is2re_sizes: systems per split; missing splits take :data:`DEFAULT_IS2RE_SIZES`.
+        progress: show a tqdm progress bar per split.
+
+    Returns:
+        ``{"s2ef": {"train": path, "val": path, "test": path}, "is2re": {...}}``, the paths
+        of the ``data.lmdb`` files (each folder also holds ``metadata.npz``).
+    """
+    sizes = {
+        "s2ef": _resolve_sizes(s2ef_sizes, DEFAULT_S2EF_SIZES, "s2ef"),
+        "is2re": _resolve_sizes(is2re_sizes, DEFAULT_IS2RE_SIZES, "is2re"),
+    }
+    paths: dict[str, dict[str, Path]] = {}
+    for task in TASKS:
+        paths[task] = {}
+        for split in SPLITS:
+            folder = Path(out_dir) / task / split
+            folder.mkdir(parents=True, exist_ok=True)
+            with tqdm(total=sizes[task][split], desc=f"{task}/{split}", unit=" entries", disable=not progress) as bar:
+                entries = list(_bar_updating(_ENTRY_MAKERS[task](seed, split, sizes[task][split]), bar))
+            paths[task][split] = folder / "data.lmdb"
+            write_lmdb(paths[task][split], entries)
+            write_metadata(folder, [data.natoms for data in entries])
+    return paths
+
+
+def s2ef_entries(seed: int, split: str, num_frames: int) -> Iterator[Data]:
+    """``num_frames`` S2EF entries of ``split``: EMT relaxation frames and rattled copies.
+
+    Each system contributes its BFGS trajectory (the start, then up to
+    :data:`S2EF_TRAJECTORY_STEPS` steps; ``fid`` 0, 1, ...) followed by
+    :data:`S2EF_RATTLED_PER_SYSTEM` rattled copies of random frames of it (next ``fid``\\ s).
+    """
+    count = 0
+    for index in itertools.count():
+        rng = _system_rng(seed, "s2ef", split, index)
+        start = random_system(rng, rattle_stdev=0.05)
+        trajectory = emt_relaxation(start, fmax=0.05, steps=S2EF_TRAJECTORY_STEPS)
+        rattled = [
+            labelled(displaced(trajectory[rng.integers(len(trajectory))], rng, S2EF_RATTLE_STDEV))
+            for _ in range(S2EF_RATTLED_PER_SYSTEM)
+        ]
+        for fid, frame in enumerate(trajectory + rattled):
+            if count == num_frames:
+                return
+            yield s2ef_entry(frame, sid=_sid(split, index), fid=fid)
+            count += 1
+
+
+def is2re_entries(seed: int, split: str, num_systems: int) -> Iterator[Data]:
+    """``num_systems`` IS2RE entries of ``split``: an initial structure and its EMT relaxation."""
+    for index in range(num_systems):
+        rng = _system_rng(seed, "is2re", split, index)
+        initial = random_system(rng)
+        trajectory = emt_relaxation(initial, fmax=IS2RE_FMAX, steps=IS2RE_MAX_STEPS)
+        yield is2re_entry(trajectory[0], trajectory[-1], sid=_sid(split, index))
+
+
+def s2ef_entry(frame: Atoms, sid: int, fid: int) -> Data:
+    """One S2EF entry from a labelled frame (see the module docstring for the keys)."""
+    data = _A2G_LABELLED.convert(frame)
+    data.energy = float(data.energy)  # a Python float, as in the OC20 LMDBs (batches as float32)
+    return _with_ids(data, frame, sid, fid)
+
+
+def is2re_entry(initial: Atoms, relaxed: Atoms, sid: int) -> Data:
+    """One IS2RE entry from labelled initial and relaxed structures (same atoms, same order).
+
+    ``pos_relaxed`` is ``pos`` (the wrapped initial positions) plus each atom's actual
+    displacement during the relaxation, so ``pos_relaxed - pos`` is the true displacement.
+    """
+    data = _with_ids(_A2G_UNLABELLED.convert(initial), initial, sid, fid=None)
+    displacement = relaxed.get_positions() - initial.get_positions()
+    data.pos_relaxed = data.pos + torch.from_numpy(displacement).float()
+    data.y_init = float(initial.get_potential_energy(apply_constraint=False))
+    data.y_relaxed = float(relaxed.get_potential_energy(apply_constraint=False))
+    return data
+
+
+def _with_ids(data: Data, atoms: Atoms, sid: int, fid: int | None) -> Data:
+    """Add ``sid`` (and ``fid``) and int64 ``tags``, as fairchem's OC20 preprocessing does."""
+    data.tags = torch.as_tensor(atoms.get_tags(), dtype=torch.long)
+    data.sid = int(sid)
+    if fid is not None:
+        data.fid = int(fid)
+    return data
+
+
+_ENTRY_MAKERS = {"s2ef": s2ef_entries, "is2re": is2re_entries}
+
+
+def _sid(split: str, index: int) -> int:
+    return SPLITS.index(split) * SID_STRIDE + index
+
+
+def _system_rng(seed: int, task: str, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split), index])
+
+
+def _bar_updating(entries: Iterator[Data], bar: tqdm) -> Iterator[Data]:
+    for data in entries:
+        bar.update(1)
+        yield data
+
+
+def _resolve_sizes(sizes: Mapping[str, int] | None, defaults: Mapping[str, int], task: str) -> dict[str, int]:
+    resolved = dict(defaults)
+    for split, size in (sizes or {}).items():
+        if split not in SPLITS:
+            raise UserInputError(f"{task}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if size is not None:
+            resolved[split] = int(size)
+    for split, size in resolved.items():
+        if not 1 <= size < SID_STRIDE:
+            raise UserInputError(f"{task}/{split}: size must be between 1 and {SID_STRIDE - 1}, got {size}")
+    return resolved

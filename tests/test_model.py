@@ -1,0 +1,148 @@
+"""Model behaviour beyond parity: SO(3) building blocks, activation checkpointing, bad input."""
+import pytest
+import torch
+from ase import Atoms
+from e3nn import o3
+from fairchem.core.models.base import HydraModel
+from structures import default_structures, to_batch
+
+from fairchem_equiformerv2 import EquiformerV2Backbone
+from fairchem_equiformerv2.backbone import ConfigError
+from fairchem_equiformerv2.so3.frames import edge_frames
+from fairchem_equiformerv2.so3.layout import EdgeLayout
+from fairchem_equiformerv2.so3.wigner import wigner_d_blocks
+
+SMALL = dict(
+    num_layers=2, sphere_channels=8, attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4,
+    attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8, lmax_list=[3], mmax_list=[2],
+    max_radius=5.0, max_neighbors=20,
+)
+HEADS = {"energy": {"module": "fairchem_equiformerv2.EnergyHead"}, "forces": {"module": "fairchem_equiformerv2.ForceHead"}}
+
+
+def hydra(**backbone):
+    return HydraModel(backbone={"model": "fairchem_equiformerv2.EquiformerV2Backbone", **SMALL, **backbone}, heads=HEADS)
+
+
+# --- SO(3) ground floor -------------------------------------------------------------------------
+
+
+def test_wigner_matches_e3nn_and_is_a_representation():
+    torch.manual_seed(0)
+    r1, r2 = o3.rand_matrix(5, dtype=torch.float64), o3.rand_matrix(5, dtype=torch.float64)
+    d1, d2, d12 = (wigner_d_blocks(r, 6) for r in (r1, r2, r1 @ r2))
+    for l in range(7):
+        assert torch.allclose(d1[l], o3.Irrep(l, 1).D_from_matrix(r1), atol=1e-5)  # e3nn's is float32-accurate
+        assert torch.allclose(d1[l] @ d2[l], d12[l], atol=1e-12)
+    assert torch.allclose(d1[1], r1, atol=1e-14)
+
+
+def test_edge_frames_take_edges_to_the_polar_axis():
+    vec = torch.randn(100, 3, dtype=torch.float64)
+    vec[0] = torch.tensor([0.0, 0.0, 2.0])
+    for random in (False, True):
+        frames = edge_frames(vec, random=random)
+        assert torch.allclose(frames @ frames.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(100, 3, 3), atol=1e-12)
+        assert torch.allclose(torch.linalg.det(frames), torch.ones(100, dtype=torch.float64))
+        unit = vec / vec.norm(dim=1, keepdim=True)
+        assert torch.allclose((frames @ unit.unsqueeze(2)).squeeze(2), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.equal(edge_frames(vec), edge_frames(vec))
+
+
+def test_edge_layout_is_m_major_and_truncated():
+    layout = EdgeLayout(lmax=3, mmax=1)
+    assert layout.degrees_orders == [(0, 0), (1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (3, 1), (1, -1), (2, -1), (3, -1)]
+    assert layout.index.tolist() == [0, 2, 6, 12, 3, 7, 13, 1, 5, 11]
+    assert layout.rescale[3].item() == pytest.approx((7 / 3) ** 0.5)
+
+
+# --- training behaviour -----------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = to_batch(default_structures())
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = hydra(activation_checkpoint=checkpointing, alpha_drop=0.0, drop_path_rate=0.0, edge_roll="deterministic").train()
+        out = m(batch)
+        (out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_eval_is_deterministic_and_training_roll_is_random():
+    batch = to_batch(default_structures())
+    m = hydra(alpha_drop=0.0, drop_path_rate=0.0).eval()
+    a, b = m(batch), m(batch)
+    assert torch.equal(a["forces"]["forces"], b["forces"]["forces"])
+    m.train()
+    assert not torch.equal(m(batch)["forces"]["forces"], m(batch)["forces"]["forces"])
+
+
+def test_float64():
+    m = hydra().double().eval()
+    out = m(to_batch(default_structures(), dtype=torch.float64))
+    assert out["energy"]["energy"].dtype == torch.float64 and torch.isfinite(out["forces"]["forces"]).all()
+
+
+def test_repr_shows_hyperparameters():
+    text = repr(hydra().backbone)
+    assert "lmax=3" in text and "mmax=2" in text and "SO2Convolution" in text and "activation='separable_s2'" in text
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (dict(lmax_list=[2], mmax_list=[3]), "mmax_list"),
+        (dict(lmax_list=[4, 2], mmax_list=[2]), "same length"),
+        (dict(lmax_list=[4, 2], mmax_list=[2, 2]), "one resolution"),
+        (dict(norm_type="batch_norm"), "norm_type"),
+        (dict(attn_activation="relu"), "attn_activation"),
+        (dict(ffn_activation="gelu"), "ffn_activation"),
+        (dict(distance_function="sigmoid"), "distance_function"),
+        (dict(use_s2_act_attn=True), "use_s2_act_attn"),
+        (dict(weight_init="xavier"), "weight_init"),
+        (dict(use_energy_lin_ref=True), "load_energy_lin_ref"),
+        (dict(edge_roll="sometimes"), "edge_roll"),
+    ],
+)
+def test_bad_configuration_names_the_field(args, field):
+    with pytest.raises(ConfigError, match=field):
+        EquiformerV2Backbone(**{**SMALL, **args})
+
+
+def test_atomic_number_outside_the_table():
+    m = hydra(max_num_elements=20).eval()
+    with pytest.raises(ValueError, match=r"atom \d+ \(atomic number 29\).*max_num_elements=20"):
+        m(to_batch(default_structures()[:1]))
+
+
+def test_atom_without_neighbours_gets_finite_outputs():
+    lonely = Atoms("CuO", positions=[[0, 0, 0], [9, 9, 9]], cell=[20, 20, 20], pbc=True)
+    structures = [lonely, *default_structures()[:1]]
+    out = hydra().eval()(to_batch(structures))
+    assert torch.isfinite(out["energy"]["energy"]).all()
+    forces = out["forces"]["forces"]
+    assert torch.isfinite(forces).all()
+    assert torch.equal(forces[:2], torch.zeros(2, 3))  # no neighbours: no direction to push along
+
+
+def test_coincident_atoms_are_refused():
+    atoms = default_structures()[0]
+    atoms.positions[1] = atoms.positions[0]
+    with pytest.raises(ValueError, match="same position"):
+        hydra().eval()(to_batch([atoms]))
+
+
+def test_empty_batch_is_refused():
+    batch = to_batch(default_structures()[:1])
+    for key in ("pos", "atomic_numbers", "batch", "tags", "fixed"):
+        batch[key] = batch[key][:0]
+    with pytest.raises(ValueError, match="empty batch"):
+        hydra().eval()(batch)
