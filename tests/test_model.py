@@ -146,3 +146,28 @@ def test_empty_batch_is_refused():
         batch[key] = batch[key][:0]
     with pytest.raises(ValueError, match="empty batch"):
         hydra().eval()(batch)
+
+
+def test_grid_activation_gradient_matches_autograd():
+    """The memory-saving S2 activation recomputes the grid in backward; its gradient is exact."""
+    from fairchem_equiformerv2.nn.activation import S2Activation
+    from fairchem_equiformerv2.so3.grid import S2Grid
+
+    layout = EdgeLayout(4, 2)
+    act = S2Activation(S2Grid(4, 2, layout.index, layout.rescale, resolution=12)).double()
+    x = torch.randn(7, layout.num_coefficients, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(act, (x,))
+    grid = act.grid
+    reference = grid.from_grid(torch.nn.functional.silu(grid.to_grid(x)))
+    torch.testing.assert_close(act(x), reference)
+
+
+def test_radial_linear_gradient_matches_autograd():
+    from fairchem_equiformerv2.nn.so2_conv import _RadialLinear
+
+    x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 1, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, bias))
+    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, None))

@@ -4,7 +4,10 @@ Name the classes by dotted path in a fairchem config (``fairchem_equiformerv2.Eq
 and fairchem imports this package by itself.
 """
 from .backbone import EquiformerV2Backbone
+from .checkpoints import calculator, convert_checkpoint, fix_checkpoint
 from .heads import EnergyHead, ForceHead, StressHead
 
 __version__ = "0.1.0"
-__all__ = ["EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead"]
+__all__ = [
+    "EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead", "calculator", "convert_checkpoint", "fix_checkpoint",
+]

@@ -118,9 +118,57 @@ def _run_make_submission(args: argparse.Namespace) -> None:
     print(f"Results saved to {path} successfully.")
 
 
+def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-checkpoint",
+        help="convert a fairchem EquiformerV2 checkpoint to one that uses this plugin",
+        description="Read a fairchem EquiformerV2 checkpoint (the older single-model layout of the public OC20 "
+        "checkpoints, or the hydra backbone/heads layout) and write a fairchem checkpoint whose config names "
+        "the plugin's backbone and heads, with the weights and EMA mapped and normalizers and element "
+        "references kept. fairchem's OCPCalculator(checkpoint_path=DST) loads the result.",
+    )
+    parser.add_argument("src", metavar="SRC", help="fairchem checkpoint (.pt)")
+    parser.add_argument("dst", metavar="DST", help="checkpoint to write")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--trust", action="store_true",
+        help="unpickle SRC fully (torch.load without weights_only) when it holds Python objects other than "
+        "tensors and plain containers: only for files from a source you trust",
+    )
+    parser.set_defaults(handler=_run_convert_checkpoint)
+
+
+def _run_convert_checkpoint(args: argparse.Namespace) -> None:
+    from .checkpoints import convert_checkpoint
+
+    print(f"wrote {convert_checkpoint(args.src, args.dst, trust=args.trust, overwrite=args.force)}")
+
+
+def _add_fix_checkpoint(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fix-checkpoint",
+        help="make a checkpoint trained with the plugin load in OCPCalculator(checkpoint_path=...)",
+        description="fairchem 1.10 stores the task name (s2ef, is2re) as config['trainer'] for runs of its "
+        "forces/energy/equiformerv2_* trainers, and OCPCalculator(checkpoint_path=...) then fails with "
+        "\"Failed to find the trainer 's2ef'\". This checks the checkpoint and writes a trainer name that loads.",
+    )
+    parser.add_argument("src", metavar="CHECKPOINT", help="checkpoint trained with the plugin")
+    parser.add_argument("dst", metavar="DST", nargs="?", help="where to write (default: rewrite CHECKPOINT in place)")
+    parser.add_argument("--trust", action="store_true", help="as for convert-checkpoint")
+    parser.set_defaults(handler=_run_fix_checkpoint)
+
+
+def _run_fix_checkpoint(args: argparse.Namespace) -> None:
+    from .checkpoints import fix_checkpoint
+
+    print(f"wrote {fix_checkpoint(args.src, args.dst, trust=args.trust)}")
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo_data,
     _add_make_submission,
+    _add_convert_checkpoint,
+    _add_fix_checkpoint,
 ]
 
 

@@ -105,14 +105,19 @@ def make_demo_data(
     for task in TASKS:
         paths[task] = {}
         for split in SPLITS:
-            folder = Path(out_dir) / task / split
-            folder.mkdir(parents=True, exist_ok=True)
-            with tqdm(total=sizes[task][split], desc=f"{task}/{split}", unit=" entries", disable=not progress) as bar:
-                entries = list(_bar_updating(_ENTRY_MAKERS[task](seed, split, sizes[task][split]), bar))
-            paths[task][split] = folder / "data.lmdb"
-            write_lmdb(paths[task][split], entries)
-            write_metadata(folder, [data.natoms for data in entries])
+            size = sizes[task][split]
+            entries = _ENTRY_MAKERS[task](seed, split, size)
+            bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
+            paths[task][split] = write_split(Path(out_dir) / task / split, list(bar))
     return paths
+
+
+def write_split(folder: Path, entries: list[Data]) -> Path:
+    """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms) for ``entries``; returns the LMDB path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_lmdb(folder / "data.lmdb", entries)
+    write_metadata(folder, [data.natoms for data in entries])
+    return folder / "data.lmdb"
 
 
 def s2ef_entries(seed: int, split: str, num_frames: int) -> Iterator[Data]:
@@ -186,12 +191,6 @@ def _sid(split: str, index: int) -> int:
 
 def _system_rng(seed: int, task: str, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split), index])
-
-
-def _bar_updating(entries: Iterator[Data], bar: tqdm) -> Iterator[Data]:
-    for data in entries:
-        bar.update(1)
-        yield data
 
 
 def _resolve_sizes(sizes: Mapping[str, int] | None, defaults: Mapping[str, int], task: str) -> dict[str, int]:

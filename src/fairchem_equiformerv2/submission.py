@@ -184,7 +184,7 @@ def validate_split(predictions: SplitPredictions, dataset: str | None) -> None:
     if dataset == "OC22" and "energy" in arrays and arrays["energy"].dtype == np.float16:
         raise predictions.fail(
             "energy is float16, too coarse for OC22 total energies (~0.25 eV steps at 500 eV); "
-            "predict with prediction_dtype: float32 (fairchem does so for dataset: oc22_lmdb)"
+            "predict with --task.prediction_dtype=float32 (fairchem does so by itself for dataset: oc22_lmdb)"
         )
 
 

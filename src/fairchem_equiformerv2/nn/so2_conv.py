@@ -20,6 +20,42 @@ from ..so3.layout import EdgeLayout
 from .radial import RadialMLP
 
 
+class _RadialLinear(torch.autograd.Function):
+    """``linear(x * w, weight, bias)`` that keeps ``x`` and ``w`` for backward, not their product.
+
+    ``x`` is a view of the rotated messages and ``w`` of the radial MLP's output, both kept anyway;
+    storing the product too would double the largest tensors of a training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias):
+        ctx.save_for_backward(x, w, weight)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x * w, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, weight = ctx.saved_tensors
+        grad_xw = grad @ weight  # [..., in]
+        grad_x = grad_xw * w if ctx.needs_input_grad[0] else None
+        grad_w = (grad_xw * x).sum_to_size(w.shape) if ctx.needs_input_grad[1] else None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ (x * w).reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_weight, grad_bias
+
+
+def radial_linear(linear: nn.Linear, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x * w)`` (``linear(x)`` when ``w`` is None), memory-lean in training."""
+    if w is None:
+        return linear(x)
+    if torch.is_grad_enabled():
+        return _RadialLinear.apply(x, w, linear.weight, linear.bias)
+    return linear(x * w)
+
+
 class SO2MConvolution(nn.Module):
     """The complex-linear map of one order ``m > 0``: ``[E, 2, (lmax+1-m) * C_in]`` ->
     ``[E, 2 (lmax+1-m), C_out]`` (rows ``+m`` then ``-m``)."""
@@ -30,8 +66,9 @@ class SO2MConvolution(nn.Module):
         self.fc = nn.Linear(in_features, 2 * out_channels * num_degrees, bias=False)
         self.fc.weight.data.mul_(1 / math.sqrt(2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)  # [E, 2, 2 * D * C_out]
+    def forward(self, x: torch.Tensor, radial: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [E, 2, D * C_in]``, optional per-edge weights ``radial [E, 1, D * C_in]``."""
+        y = radial_linear(self.fc, x, radial)  # [E, 2, 2 * D * C_out]
         y_r, y_i = y.chunk(2, dim=2)  # W_r x, W_i x for x = (x_{+m}, x_{-m})
         plus = y_r[:, 0] - y_i[:, 1]
         minus = y_r[:, 1] + y_i[:, 0]
@@ -82,17 +119,13 @@ class SO2Convolution(nn.Module):
         blocks = self.layout.order_slices()
         _, start, length = blocks[0]
         x_0 = x.narrow(1, start, length).reshape(num_edges, -1)
-        if weights[0] is not None:
-            x_0 = x_0 * weights[0]
-        y_0 = self.fc_m0(x_0)
+        y_0 = radial_linear(self.fc_m0, x_0, weights[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], dim=1)
         out = [y_0.view(num_edges, -1, self.out_channels)]
 
         for (m, start, length), conv, w in zip(blocks[1:], self.so2_m_conv, weights[1:]):
             x_m = x.narrow(1, start, length).reshape(num_edges, 2, -1)
-            if w is not None:
-                x_m = x_m * w.unsqueeze(1)
-            out.append(conv(x_m))
+            out.append(conv(x_m, None if w is None else w.unsqueeze(1)))
 
         out = torch.cat(out, dim=1)  # [E, K, out_channels]
         return (out, extra) if self.extra_m0_channels else out
