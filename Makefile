@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 setup:            ## fresh machine -> working environment in .venv
 	bash scripts/setup.sh
 
-test:             ## the test suite
-	$(PY) -m pytest -q tests
+test:             ## the test suite (two workers; one file per worker at a time)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo:             ## the main job on the bundled tiny default: data -> train -> predict -> submission
 	bash scripts/demo.sh

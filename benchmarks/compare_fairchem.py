@@ -5,7 +5,8 @@ implementations alternate so machine noise hits both alike. Prints median step t
 runs, the ratio ours/fairchem, peak memory, and the largest output difference (fixed edge frames).
 
     python benchmarks/compare_fairchem.py --shape 31M                    # one size, train + inference
-    python benchmarks/compare_fairchem.py --shape 31M --sweep 20,100,200,400,800 --plot benchmarks/scaling.png
+    python benchmarks/compare_fairchem.py --shape 31M --modes inference --sweep 20,50,100,200,400,800 \
+        --plot benchmarks/scaling.png
 """
 from __future__ import annotations
 
@@ -102,18 +103,59 @@ def _measure(impl, shape, num_atoms, count, mode, repeats, threads, queue):
                 out = model(batch)
         if i:
             times.append(time.perf_counter() - start)
-    queue.put({"median_s": statistics.median(times), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "atoms": int(batch.natoms.sum())})
+    result = {"median_s": statistics.median(times), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "atoms": int(batch.natoms.sum())}
+    result["gflop"] = step_flops(model, batch, mode) / 1e9
+    queue.put(result)
+
+
+def step_flops(model, batch, mode) -> float:
+    """Matrix-multiply FLOPs of one step (torch's FlopCounterMode: mm, bmm, addmm, ...; elementwise
+    work such as SiLU is not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if mode == "train":
+            out = model(batch)
+            (out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()).backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(batch)
+    return float(counter.get_total_flops())
+
+
+def _matmul_rate(threads, queue):
+    """The machine's dense float32 matmul rate (GFLOP/s): a 2048^3 GEMM, best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    queue.put(2 * 2048**3 / best / 1e9)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _in_subprocess(target, *args):
+    """Run ``target(*args, queue)`` in a fresh process; None if it died (e.g. out of memory)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, queue))
+    p.start()
+    p.join()
+    return queue.get() if p.exitcode == 0 and not queue.empty() else None
 
 
 def measure(impl, shape, num_atoms, count, mode, repeats, threads):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(impl, shape, num_atoms, count, mode, repeats, threads, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
+    return _in_subprocess(_measure, impl, shape, num_atoms, count, mode, repeats, threads)
 
 
 def max_difference(shape, num_atoms, count):
@@ -138,7 +180,9 @@ def main(argv=None):
     parser.add_argument("--modes", default="train,inference")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sweep", default="", help="comma-separated atoms per structure: time one train step at each")
+    parser.add_argument("--sweep", default="", help="comma-separated atoms per structure: time one step at each")
+    parser.add_argument("--sweep-mode", choices=["train", "inference"], default="inference",
+                        help="what the sweep times (training at 800 atoms needs more than 24 GB for fairchem's model)")
     parser.add_argument("--plot", default="", help="PNG of step time against system size (with --sweep)")
     parser.add_argument("--json", default="", help="write the results here too")
     args = parser.parse_args(argv)
@@ -147,12 +191,20 @@ def main(argv=None):
     print(f"EquiformerV2 {args.shape}: {args.structures} structures of ~{args.atoms} atoms, {args.threads} threads, "
           f"median of {args.repeats}")
     print(f"{'mode':10s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s} {'ratio':>6s}")
+    rate = _in_subprocess(_matmul_rate, args.threads)
     for mode in args.modes.split(","):
         r = {impl: measure(impl, args.shape, args.atoms, args.structures, mode, args.repeats, args.threads) for impl in ("fairchem", "ours")}
         f, o = r["fairchem"], r["ours"]
         print(f"{mode:10s} {f['median_s']:11.3f} {o['median_s']:9.3f} {o['median_s'] / f['median_s']:7.2f} "
               f"{f['peak_rss_gb']:12.2f} {o['peak_rss_gb']:8.2f} {o['peak_rss_gb'] / f['peak_rss_gb']:6.2f}")
         results["rows"].append({"mode": mode, **{f"{k}_{impl}": v for impl in r for k, v in r[impl].items()}})
+    print(f"\nmatmul FLOPs per step and achieved rate (machine: {rate:.0f} GFLOP/s dense float32 GEMM, {args.threads} threads)")
+    for row in results["rows"]:
+        for impl in ("fairchem", "ours"):
+            achieved = row[f"gflop_{impl}"] / row[f"median_s_{impl}"]
+            print(f"{row['mode']:10s} {impl:9s} {row[f'gflop_{impl}']:8.1f} GFLOP  {achieved:6.1f} GFLOP/s  "
+                  f"= {achieved / rate:.0%} of the GEMM rate")
+    results["gemm_gflops"] = rate
     diff = max_difference(args.shape, args.atoms, args.structures)
     print(f"max relative output difference (same weights and frames): energy {diff['energy']:.1e}, forces {diff['forces']:.1e}")
     results["max_difference"] = diff
@@ -160,11 +212,18 @@ def main(argv=None):
     if args.sweep:
         sizes = [int(s) for s in args.sweep.split(",")]
         sweep = []
-        print(f"\ntrain step against system size (1 structure):\n{'atoms':>6s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s}")
+        mode = args.sweep_mode
+        print(f"\n{mode} step against system size (1 structure):\n"
+              f"{'atoms':>6s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s}")
         for n in sizes:
-            r = {impl: measure(impl, args.shape, n, 1, "train", max(1, args.repeats - 1), args.threads) for impl in ("fairchem", "ours")}
-            sweep.append((r["ours"]["atoms"], r["fairchem"]["median_s"], r["ours"]["median_s"]))
-            print(f"{sweep[-1][0]:6d} {sweep[-1][1]:11.3f} {sweep[-1][2]:9.3f} {sweep[-1][2] / sweep[-1][1]:7.2f}")
+            r = {impl: measure(impl, args.shape, n, 1, mode, max(1, args.repeats - 1), args.threads) for impl in ("fairchem", "ours")}
+            if r["ours"] is None:
+                print(f"~{n} atoms: ours failed (out of memory?): sweep stops")
+                break
+            t = {impl: (r[impl]["median_s"], r[impl]["peak_rss_gb"]) if r[impl] else (float("nan"),) * 2 for impl in r}
+            sweep.append((r["ours"]["atoms"], t["fairchem"][0], t["ours"][0]))
+            print(f"{sweep[-1][0]:6d} {t['fairchem'][0]:11.3f} {t['ours'][0]:9.3f} {t['ours'][0] / t['fairchem'][0]:7.2f} "
+                  f"{t['fairchem'][1]:12.2f} {t['ours'][1]:8.2f}" + ("  (fairchem failed: out of memory?)" if r["fairchem"] is None else ""))
         results["sweep"] = sweep
         if args.plot:
             import matplotlib
@@ -177,7 +236,7 @@ def main(argv=None):
             plt.loglog(atoms, t_f, "o-", label="fairchem EquiformerV2")
             plt.loglog(atoms, t_o, "s-", label="fairchem-equiformerv2")
             plt.xlabel("atoms")
-            plt.ylabel("train step (s)")
+            plt.ylabel(f"{mode} step (s)")
             plt.title(f"EquiformerV2 {args.shape}, CPU, {args.threads} threads")
             plt.legend()
             plt.tight_layout()

@@ -6,8 +6,9 @@ and fairchem imports this package by itself.
 from .backbone import EquiformerV2Backbone
 from .checkpoints import calculator, convert_checkpoint, fix_checkpoint
 from .heads import EnergyHead, ForceHead, StressHead
+from .noisy_nodes import NoisyNodesBackbone, NoisyNodesHead
 
 __version__ = "0.1.0"
 __all__ = [
-    "EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead", "calculator", "convert_checkpoint", "fix_checkpoint",
+    "EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead", "NoisyNodesBackbone", "NoisyNodesHead", "calculator", "convert_checkpoint", "fix_checkpoint",
 ]

@@ -1,0 +1,313 @@
+"""Noisy Nodes (Godwin et al., ICLR 2022) as the Equiformer line of work uses it for OC20 IS2RE.
+
+During training only, each structure is corrupted with probability ``probability``: every movable
+atom moves to a random point between its initial and relaxed position (interpolation factor
+``t ~ U[0, 1]`` per atom) plus Gaussian noise (``noise_std`` Å per component). An equivariant vector
+head (:class:`NoisyNodesHead`, the ``l = 1`` output of a graph attention like :class:`.ForceHead`)
+predicts the displacement from the corrupted input to the relaxed position divided by ``pos_std``;
+fairchem's trainer scores it with an L2-norm MAE over free atoms. The energy target is unchanged
+(``y_relaxed``, mapped to ``energy``). For data without ``pos_relaxed`` (energy-only, QM9-like) the
+input gets Gaussian noise only and the target is that noise divided by ``noise_std``.
+
+The auxiliary loss coefficient decays linearly from ``coefficient_start`` to ``coefficient_end``
+over ``decay_steps`` optimizer steps. fairchem's loss coefficients are static, so the schedule is
+applied inside the model: the head multiplies both its prediction and the target it attaches to the
+batch by the scheduled coefficient ``c``. The L2-norm MAE is homogeneous of degree 1, so the loss
+term is exactly ``c * L2MAE(prediction, target)`` when the config's static coefficient is 1.
+
+How it fits fairchem's unmodified ``OCPTrainer`` (``ocp``, ``equiformerv2_forces``,
+``equiformerv2_energy``): ``_forward`` calls the model on the batch object and ``_compute_loss`` /
+``_compute_metrics`` then read ``batch[target]``, so the head writes its target into the batch
+during the forward (``batch.noisy_nodes``). The backbone corrupts a shallow copy of the batch; the
+trainer's ``batch.pos`` is left untouched.
+
+Evaluation (``model.eval()``: validation, prediction, relaxations) sees clean inputs; the target is
+then ``(pos_relaxed - pos) / pos_std`` (the relaxed displacement, an IS2RS-style output), or zeros
+when the batch has no ``pos_relaxed`` (test splits) or for noise-only data, and the coefficient is 1.
+
+Reproducibility: each training forward draws from its own ``torch.Generator`` seeded from
+``(seed, rank, step)``; ``step`` counts the model's training forwards (a buffer, so checkpoints
+resume the stream) and ``seed`` defaults to ``torch.initial_seed()`` when the model is built, which
+fairchem sets from ``--seed``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .backbone import ConfigError, EquiformerV2Backbone
+from .heads import ForceHead
+
+__all__ = [
+    "NoisyNodesConfig", "LinearCoefficientSchedule", "Corruption", "draw_corruption", "relaxed_displacement",
+    "corrupt_positions", "denoising_target", "noisy_nodes_generator", "displacement_std",
+    "NoisyNodesBackbone", "NoisyNodesHead",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyNodesConfig:
+    """The ``noisy_nodes`` block of the backbone's config (all optional).
+
+    probability: chance that a training structure is corrupted (per structure).
+    interpolate: move atoms towards ``pos_relaxed`` by ``t ~ U[0, 1]`` (needs ``pos_relaxed``).
+    noise_std: Gaussian noise per Cartesian component (Å).
+    pos_std: the relaxed-displacement target is divided by this (Å).
+    coefficient_start, coefficient_end, decay_steps: the auxiliary loss coefficient, linear in the
+        step from start (step 0) to end (step >= decay_steps); ``decay_steps: 0`` = end throughout.
+    corrupt_fixed: also corrupt fixed atoms (``fixed == 1``); default no, as Equiformer does.
+    seed: the random stream's seed; ``None`` = ``torch.initial_seed()`` when the model is built.
+    """
+
+    probability: float = 0.5
+    interpolate: bool = True
+    noise_std: float = 0.3
+    pos_std: float = 1.0
+    coefficient_start: float = 15.0
+    coefficient_end: float = 1.0
+    decay_steps: int = 0
+    corrupt_fixed: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ConfigError(f"noisy_nodes: {message}")
+
+        check(0.0 <= self.probability <= 1.0, f"probability={self.probability} must be in [0, 1]")
+        check(self.noise_std >= 0.0, f"noise_std={self.noise_std} must be >= 0")
+        check(self.pos_std > 0.0, f"pos_std={self.pos_std} must be > 0")
+        check(
+            math.isfinite(self.coefficient_start) and math.isfinite(self.coefficient_end),
+            "coefficient_start and coefficient_end must be finite",
+        )
+        check(self.coefficient_start >= 0 and self.coefficient_end >= 0, "coefficients must be >= 0")
+        check(int(self.decay_steps) == self.decay_steps and self.decay_steps >= 0, f"decay_steps={self.decay_steps} must be an integer >= 0")
+        check(self.seed is None or int(self.seed) >= 0, f"seed={self.seed} must be >= 0 or null")
+
+
+class LinearCoefficientSchedule:
+    """``coefficient(step)``: ``start`` at step 0, linear to ``end`` at ``decay_steps``, then ``end``."""
+
+    def __init__(self, start: float = 15.0, end: float = 1.0, decay_steps: int = 0):
+        self.start, self.end, self.decay_steps = float(start), float(end), int(decay_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.decay_steps <= 0:
+            return self.end
+        fraction = min(max(step, 0) / self.decay_steps, 1.0)
+        return self.start + (self.end - self.start) * fraction
+
+    def __repr__(self) -> str:
+        return f"LinearCoefficientSchedule(start={self.start}, end={self.end}, decay_steps={self.decay_steps})"
+
+
+# ------------------------------------------------------------------------------------------------
+# pure functions
+# ------------------------------------------------------------------------------------------------
+class Corruption(NamedTuple):
+    """The random draws of one corruption.
+
+    selected: ``[B]`` bool, the structures that are corrupted.
+    interpolation: ``[N]`` float in ``[0, 1)``, the per-atom interpolation factor ``t``.
+    noise: ``[N, 3]`` float, Gaussian noise (already multiplied by ``noise_std``).
+    """
+
+    selected: torch.Tensor
+    interpolation: torch.Tensor
+    noise: torch.Tensor
+
+
+def noisy_nodes_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on ``(seed, rank, step)``."""
+    state = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def draw_corruption(
+    num_structures: int,
+    num_atoms: int,
+    probability: float,
+    noise_std: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Corruption:
+    """Draw ``selected [B]``, ``interpolation [N]`` and ``noise [N, 3]`` (in this order, always all of
+    them, so the stream's layout does not depend on the data) on the CPU, then move them to ``device``."""
+    selected = torch.rand(num_structures, generator=generator, dtype=torch.float64) < probability
+    interpolation = torch.rand(num_atoms, generator=generator, dtype=torch.float64)
+    noise = torch.randn(num_atoms, 3, generator=generator, dtype=torch.float64) * noise_std
+    return Corruption(selected.to(device), interpolation.to(device, dtype), noise.to(device, dtype))
+
+
+def relaxed_displacement(
+    pos: torch.Tensor, pos_relaxed: torch.Tensor, cell: torch.Tensor | None = None, batch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``pos_relaxed - pos`` ``[N, 3]``; with ``cell [B, 3, 3]`` (rows = lattice vectors) and
+    ``batch [N]``, the periodic image nearest in fractional coordinates, so relaxed positions that
+    were wrapped into the cell differently from the initial ones still give the true displacement."""
+    delta = pos_relaxed - pos
+    if cell is None:
+        return delta
+    cell = cell.to(delta.dtype)[batch]  # [N, 3, 3]
+    frac = torch.linalg.solve(cell.transpose(1, 2), delta.unsqueeze(2)).squeeze(2)  # delta = frac @ cell
+    frac = frac - torch.round(frac)
+    return torch.bmm(frac.unsqueeze(1), cell).squeeze(1)
+
+
+def corrupt_positions(
+    pos: torch.Tensor,
+    batch: torch.Tensor,
+    corruption: Corruption,
+    displacement: torch.Tensor | None = None,
+    movable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Corrupted positions ``[N, 3]``.
+
+    Args:
+        pos: ``[N, 3]`` initial positions.
+        batch: ``[N]`` structure index of each atom.
+        corruption: the draws (:func:`draw_corruption`).
+        displacement: ``[N, 3]`` initial -> relaxed displacement, or ``None`` (noise only).
+        movable: ``[N]`` bool, atoms that may be corrupted (default all).
+
+    An atom of a selected structure that is movable moves to
+    ``pos + t * displacement + noise``; all others keep ``pos``.
+    """
+    offset = corruption.noise
+    if displacement is not None:
+        offset = offset + corruption.interpolation.unsqueeze(1) * displacement
+    active = corruption.selected[batch]
+    if movable is not None:
+        active = active & movable
+    return pos + active.unsqueeze(1).to(pos.dtype) * offset
+
+
+def denoising_target(
+    pos: torch.Tensor,
+    corrupted: torch.Tensor,
+    displacement: torch.Tensor | None,
+    pos_std: float,
+    noise_std: float,
+) -> torch.Tensor:
+    """The auxiliary target ``[N, 3]``.
+
+    With ``displacement [N, 3]`` (``pos_relaxed - pos``): ``(pos + displacement - corrupted) / pos_std``,
+    the displacement from the corrupted input to the relaxed position. Without (noise only): the noise
+    ``(corrupted - pos) / noise_std`` (zeros where nothing was added, or when ``noise_std`` is 0).
+    """
+    if displacement is not None:
+        return (pos + displacement - corrupted) / pos_std
+    if noise_std == 0:
+        return torch.zeros_like(pos)
+    return (corrupted - pos) / noise_std
+
+
+def displacement_std(src: str) -> float:
+    """The standard deviation of the relaxed displacement components of free atoms over a fairchem
+    LMDB dataset folder or file ``src`` (a value for ``pos_std``)."""
+    from fairchem.core.datasets import LmdbDataset
+
+    dataset = LmdbDataset({"src": str(src)})
+    parts = []
+    for i in range(len(dataset)):
+        data = dataset[i]
+        cell = data.cell if "cell" in data else None
+        delta = relaxed_displacement(data.pos.double(), data.pos_relaxed.double(), cell,
+                                     torch.zeros(data.pos.shape[0], dtype=torch.long) if cell is not None else None)
+        free = data.fixed == 0 if "fixed" in data else torch.ones(delta.shape[0], dtype=torch.bool)
+        parts.append(delta[free].flatten())
+    return float(torch.cat(parts).std())
+
+
+# ------------------------------------------------------------------------------------------------
+# modules
+# ------------------------------------------------------------------------------------------------
+class NoisyNodesBackbone(EquiformerV2Backbone):
+    """:class:`.EquiformerV2Backbone` that corrupts its input in training (Noisy Nodes).
+
+    Takes every argument of the backbone plus ``noisy_nodes`` (a dict, see :class:`NoisyNodesConfig`).
+    The embedding dict gains ``"noisy_nodes": {"target": [N, 3], "coefficient": float}`` for
+    :class:`NoisyNodesHead`. Buffers ``noisy_nodes_seed`` and ``noisy_nodes_step`` (training forwards
+    so far) are saved in checkpoints, so a resumed run continues the same random stream.
+    """
+
+    def __init__(self, *args, noisy_nodes: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noisy_nodes = NoisyNodesConfig(**(noisy_nodes or {}))
+        cfg = self.noisy_nodes
+        self.coefficient_schedule = LinearCoefficientSchedule(cfg.coefficient_start, cfg.coefficient_end, cfg.decay_steps)
+        seed = torch.initial_seed() if cfg.seed is None else int(cfg.seed)
+        self.register_buffer("noisy_nodes_seed", torch.tensor(seed % (2**63), dtype=torch.long))
+        self.register_buffer("noisy_nodes_step", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _rank() -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+    def corrupt(self, data):
+        """``(model input, target [N, 3], coefficient)`` for ``data``; in training the input is a
+        shallow copy of ``data`` with corrupted ``pos`` (``data`` itself is not modified)."""
+        cfg = self.noisy_nodes
+        pos = data.pos
+        with torch.no_grad():
+            displacement = None
+            if "pos_relaxed" in data and data.pos_relaxed is not None:
+                cell = data.cell if (self.use_pbc and "cell" in data) else None
+                displacement = relaxed_displacement(pos, data.pos_relaxed.to(pos.dtype), cell, data.batch)
+            if not self.training:
+                return data, denoising_target(pos, pos, displacement, cfg.pos_std, cfg.noise_std), 1.0
+
+            step = int(self.noisy_nodes_step)
+            generator = noisy_nodes_generator(int(self.noisy_nodes_seed), self._rank(), step)
+            corruption = draw_corruption(len(data.natoms), pos.shape[0], cfg.probability, cfg.noise_std,
+                                         generator, pos.dtype, pos.device)
+            movable = None
+            if not cfg.corrupt_fixed and "fixed" in data:
+                movable = data.fixed == 0
+            corrupted = corrupt_positions(pos, data.batch, corruption,
+                                          displacement if cfg.interpolate else None, movable)
+            target = denoising_target(pos, corrupted, displacement, cfg.pos_std, cfg.noise_std)
+            self.noisy_nodes_step += 1
+        noisy = copy.copy(data)
+        noisy.pos = corrupted
+        return noisy, target, self.coefficient_schedule(step)
+
+    def forward(self, data) -> dict:
+        model_input, target, coefficient = self.corrupt(data)
+        emb = super().forward(model_input)
+        emb["noisy_nodes"] = {"target": target, "coefficient": coefficient}
+        return emb
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", noisy_nodes={self.noisy_nodes}"
+
+
+class NoisyNodesHead(ForceHead):
+    """The Noisy Nodes output ``[N, 3]``: an equivariant vector per atom (``l = 1`` of a graph
+    attention, as :class:`.ForceHead`), needs :class:`NoisyNodesBackbone`.
+
+    In its forward it writes the target into the batch (``data[output_name]``) and returns the
+    prediction, both multiplied by the scheduled coefficient (1 in evaluation). Configure fairchem
+    with ``outputs: {<output_name>: {shape: 3, level: atom}}`` and ``loss_functions: - <output_name>:
+    {fn: l2mae, coefficient: 1}``; ``output_name`` must not be a key the data already has.
+    """
+
+    def __init__(self, backbone, output_name: str = "noisy_nodes"):
+        if not isinstance(backbone, NoisyNodesBackbone):
+            raise ConfigError(
+                f"NoisyNodesHead needs backbone model fairchem_equiformerv2.NoisyNodesBackbone, got {type(backbone).__name__}"
+            )
+        super().__init__(backbone, output_name=output_name)
+
+    def forward(self, data, emb: dict) -> dict:
+        prediction = super().forward(data, emb)[self.output_name]  # [N, 3]
+        coefficient = emb["noisy_nodes"]["coefficient"]
+        data[self.output_name] = emb["noisy_nodes"]["target"] * coefficient
+        return {self.output_name: prediction * coefficient}

@@ -1,0 +1,432 @@
+"""Noisy Nodes: the corruption recipe (statistics over many draws), the clean evaluation path, the
+coefficient schedule, the loss reaching the parameters, reproducibility, the configs, and a
+train -> predict run through the ``fairchem`` CLI on demo IS2RE data."""
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fairchem_equiformerv2 import EquiformerV2Backbone, NoisyNodesBackbone, NoisyNodesHead
+from fairchem_equiformerv2.backbone import ConfigError
+from fairchem_equiformerv2.noisy_nodes import (
+    LinearCoefficientSchedule,
+    NoisyNodesConfig,
+    corrupt_positions,
+    denoising_target,
+    draw_corruption,
+    noisy_nodes_generator,
+    relaxed_displacement,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_NN = ROOT / "configs" / "demo" / "is2re_noisy_nodes.yml"
+DEMO_BASE = ROOT / "configs" / "demo" / "is2re.yml"
+FULL_NN = ROOT / "configs" / "is2re" / "equiformer_v2_noisy_nodes.yml"
+FULL_BASE = ROOT / "configs" / "is2re" / "equiformer_v2.yml"
+BIN = Path(sys.executable).parent
+
+
+def _z(p: float, n: int) -> float:
+    return 5.0 * math.sqrt(p * (1 - p) / n)  # 5-sigma binomial tolerance
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from fairchem_equiformerv2.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("nn_demo")
+    make_demo_data(out, seed=0, s2ef_sizes={"train": 1, "val": 1, "test": 1},
+                   is2re_sizes={"train": 16, "val": 4, "test": 4}, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def is2re_batch(demo_data):
+    """8 demo IS2RE structures as the trainer sees them (y_relaxed -> energy)."""
+    from fairchem.core.datasets import LmdbDataset, data_list_collater
+
+    dataset = LmdbDataset({"src": str(demo_data / "is2re" / "train"), "key_mapping": {"y_relaxed": "energy"}})
+    return data_list_collater([dataset[i] for i in range(8)], otf_graph=True)
+
+
+def demo_model_config(path: Path = DEMO_NN) -> dict:
+    return copy.deepcopy(yaml.safe_load(path.read_text())["model"])
+
+
+def build_hydra(torch_seed: int = 0, **noisy_nodes):
+    from fairchem.core.models.base import HydraModel
+
+    model = demo_model_config()
+    model.pop("name")
+    model["backbone"]["noisy_nodes"].update(noisy_nodes)
+    torch.manual_seed(torch_seed)
+    return HydraModel(**model)
+
+
+def synthetic(num_structures: int, atoms_per_structure: int, seed: int = 0):
+    """pos [N, 3], displacement [N, 3], batch [N], fixed [N] (first atom of each structure fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    n = num_structures * atoms_per_structure
+    pos = torch.randn(n, 3, generator=g, dtype=torch.float64) * 3
+    displacement = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    batch = torch.arange(num_structures).repeat_interleave(atoms_per_structure)
+    fixed = (torch.arange(n) % atoms_per_structure == 0).int()
+    displacement[fixed.bool()] = 0.0  # fixed atoms do not move in a relaxation
+    return pos, displacement, batch, fixed
+
+
+# --------------------------------------------------------------------------------------------
+# the recipe: pure functions, statistics over many draws
+# --------------------------------------------------------------------------------------------
+def test_draws_follow_the_recipe():
+    n_struct, n_atoms = 20000, 200000
+    c = draw_corruption(n_struct, n_atoms, 0.5, 0.3, noisy_nodes_generator(0, 0, 0), torch.float64)
+    assert c.selected.shape == (n_struct,) and c.selected.dtype == torch.bool
+    assert c.interpolation.shape == (n_atoms,) and c.noise.shape == (n_atoms, 3)
+    assert abs(c.selected.double().mean().item() - 0.5) < _z(0.5, n_struct)
+    t = c.interpolation
+    assert t.min() >= 0 and t.max() < 1
+    assert abs(t.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n_atoms)
+    assert abs(t.var().item() - 1 / 12) < 0.002
+    assert abs(c.noise.mean().item()) < 5 * 0.3 / math.sqrt(3 * n_atoms)
+    assert abs(c.noise.std().item() - 0.3) < 0.003
+    for p in (0.0, 0.2, 1.0):
+        sel = draw_corruption(n_struct, 1, p, 0.3, noisy_nodes_generator(1, 0, 0)).selected
+        assert abs(sel.double().mean().item() - p) < _z(p, n_struct) + 1e-12
+
+
+def test_corrupted_positions_and_targets_follow_the_recipe():
+    """pos + t * (pos_relaxed - pos) + noise for free atoms of selected structures; target =
+    (pos_relaxed - corrupted) / pos_std; over many draws E[offset] = d / 2, Var = d^2 / 12 + sigma^2."""
+    n_struct, per = 4000, 5
+    pos, disp, batch, fixed = synthetic(n_struct, per)
+    disp[:] = torch.tensor([0.6, -0.3, 0.0], dtype=torch.float64)  # same displacement everywhere
+    disp[fixed.bool()] = 0.0
+    free = fixed == 0
+    offsets, selected_all = [], []
+    for step in range(5):
+        c = draw_corruption(n_struct, pos.shape[0], 0.5, 0.3, noisy_nodes_generator(7, 0, step), torch.float64)
+        corrupted = corrupt_positions(pos, batch, c, disp, movable=free)
+        target = denoising_target(pos, corrupted, disp, 0.25, 0.3)
+        torch.testing.assert_close(target, (pos + disp - corrupted) / 0.25)
+        sel_atoms = c.selected[batch]
+        # unselected structures and fixed atoms: untouched, bit for bit
+        assert torch.equal(corrupted[~sel_atoms], pos[~sel_atoms])
+        assert torch.equal(corrupted[~free], pos[~free])
+        active = sel_atoms & free
+        expected = pos + c.interpolation.unsqueeze(1) * disp + c.noise
+        torch.testing.assert_close(corrupted[active], expected[active])
+        offsets.append((corrupted - pos)[active])
+        selected_all.append(c.selected)
+    off = torch.cat(offsets)
+    n = off.shape[0]
+    d = disp[free][0]
+    sigma2 = 0.09 + d**2 / 12
+    assert torch.all((off.mean(0) - d / 2).abs() < 5 * torch.sqrt(sigma2 / n))
+    assert torch.all((off.var(0) / sigma2 - 1).abs() < 0.05)
+    assert abs(torch.cat(selected_all).double().mean().item() - 0.5) < _z(0.5, 5 * n_struct)
+
+
+def test_interpolation_factor_statistics_without_noise():
+    n_struct, per = 2000, 10
+    pos, disp, batch, fixed = synthetic(n_struct, per, seed=3)
+    c = draw_corruption(n_struct, pos.shape[0], 1.0, 0.0, noisy_nodes_generator(0, 0, 0), torch.float64)
+    corrupted = corrupt_positions(pos, batch, c, disp, movable=fixed == 0)
+    free = fixed == 0
+    t = ((corrupted - pos)[free] * disp[free]).sum(1) / (disp[free] ** 2).sum(1)
+    torch.testing.assert_close(t, c.interpolation[free])  # the offset is along the displacement
+    assert t.min() >= 0 and t.max() <= 1
+    assert abs(t.mean().item() - 0.5) < 0.01 and abs(t.var().item() - 1 / 12) < 0.004
+
+
+def test_noise_only_data_predicts_the_noise():
+    pos, _, batch, fixed = synthetic(3000, 4)
+    c = draw_corruption(3000, pos.shape[0], 0.5, 0.3, noisy_nodes_generator(0, 0, 0), torch.float64)
+    corrupted = corrupt_positions(pos, batch, c, None)
+    target = denoising_target(pos, corrupted, None, 0.5, 0.3)
+    sel = c.selected[batch]
+    torch.testing.assert_close(target[sel], c.noise[sel] / 0.3)
+    assert torch.equal(target[~sel], torch.zeros_like(target[~sel]))
+    assert abs(target[sel].std().item() - 1.0) < 0.03
+
+
+def test_relaxed_displacement_uses_the_nearest_periodic_image():
+    cell = torch.tensor([[[10.0, 0, 0], [2.0, 8.0, 0], [0, 0, 20.0]]], dtype=torch.float64)
+    pos = torch.tensor([[0.1, 0.1, 5.0], [5.0, 4.0, 6.0]], dtype=torch.float64)
+    true = torch.tensor([[-0.3, 0.2, 0.1], [0.4, -0.1, 0.0]], dtype=torch.float64)
+    wrapped = pos + true + torch.tensor([[1.0, 0, 0], [0, 0, 0]], dtype=torch.float64) @ cell[0]  # crossed a boundary
+    batch = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(relaxed_displacement(pos, wrapped, cell, batch), true)
+    torch.testing.assert_close(relaxed_displacement(pos, pos + true), true)
+
+
+# --------------------------------------------------------------------------------------------
+# the schedule and the config
+# --------------------------------------------------------------------------------------------
+def test_coefficient_schedule():
+    s = LinearCoefficientSchedule(15, 1, 100)
+    assert s(0) == 15 and s(100) == 1 and s(1000) == 1 and s(50) == pytest.approx(8)
+    assert s(25) == pytest.approx(15 - 14 * 0.25)
+    assert all(s(i) >= s(i + 1) for i in range(150))
+    assert LinearCoefficientSchedule(15, 1, 0)(0) == 1  # no decay: the end value throughout
+    assert NoisyNodesConfig().probability == 0.5 and NoisyNodesConfig().noise_std == 0.3
+    assert (NoisyNodesConfig().coefficient_start, NoisyNodesConfig().coefficient_end) == (15, 1)
+
+
+@pytest.mark.parametrize("bad", [{"probability": 1.5}, {"pos_std": 0}, {"noise_std": -1}, {"decay_steps": -1},
+                                 {"decay_steps": 1.5}, {"unknown": 1}])
+def test_bad_config_is_refused(bad):
+    with pytest.raises((ConfigError, TypeError)):
+        NoisyNodesConfig(**bad)
+
+
+def test_head_needs_the_noisy_nodes_backbone():
+    backbone_cfg = demo_model_config(DEMO_BASE)["backbone"]
+    backbone_cfg.pop("model")
+    with pytest.raises(ConfigError, match="NoisyNodesBackbone"):
+        NoisyNodesHead(EquiformerV2Backbone(**backbone_cfg))
+
+
+def test_model_applies_the_schedule_to_prediction_and_target(is2re_batch):
+    model = build_hydra(decay_steps=4, coefficient_start=15, coefficient_end=1)
+    model.train()
+    ratios = []
+    for step in range(6):
+        batch = is2re_batch.clone()
+        out = model(batch)
+        bb = model.backbone
+        # the unscaled target is recoverable: corrupt again with the same (seed, rank, step)
+        bb.noisy_nodes_step -= 1
+        _, target, coefficient = bb.corrupt(is2re_batch.clone())
+        assert coefficient == pytest.approx(LinearCoefficientSchedule(15, 1, 4)(step))
+        torch.testing.assert_close(batch.noisy_nodes, target * coefficient)
+        ratios.append(coefficient)
+    assert ratios == pytest.approx([15, 11.5, 8, 4.5, 1, 1])
+    assert int(model.backbone.noisy_nodes_step) == 6
+
+
+# --------------------------------------------------------------------------------------------
+# through the model: training corrupts, evaluation is clean
+# --------------------------------------------------------------------------------------------
+def test_training_forward_corrupts_a_copy_with_the_recipe(is2re_batch):
+    model = build_hydra()
+    bb = model.backbone
+    bb.train()
+    batch = is2re_batch.clone()
+    pos0 = batch.pos.clone()
+    free = batch.fixed == 0
+    selected_fraction, n = [], 0
+    for _ in range(40):
+        inp, target, _ = bb.corrupt(batch)
+        assert inp is not batch and torch.equal(batch.pos, pos0)  # the trainer's batch is untouched
+        moved = (inp.pos != pos0).any(1)
+        assert not moved[~free].any()  # fixed atoms never move
+        per_structure = torch.zeros(len(batch.natoms), dtype=torch.bool).index_put_((batch.batch[moved],), torch.tensor(True))
+        selected_fraction.append(per_structure.double().mean().item())
+        torch.testing.assert_close(target, (batch.pos_relaxed - inp.pos) / bb.noisy_nodes.pos_std)
+        n += 1
+    assert abs(np.mean(selected_fraction) - 0.5) < _z(0.5, 40 * 8)
+    # energy target is still the relaxed energy
+    assert torch.equal(batch.energy, is2re_batch.energy)
+
+
+def test_eval_is_clean_and_matches_the_plain_backbone(is2re_batch):
+    model = build_hydra()
+    model.eval()
+    step0 = int(model.backbone.noisy_nodes_step)
+    batch = is2re_batch.clone()
+    with torch.no_grad():
+        out = model(batch)
+    assert int(model.backbone.noisy_nodes_step) == step0  # evaluation does not advance the stream
+    torch.testing.assert_close(batch.noisy_nodes, (batch.pos_relaxed - batch.pos) / model.backbone.noisy_nodes.pos_std)
+    assert torch.equal(batch.pos, is2re_batch.pos)
+    # the same weights in the plain backbone give the same embedding and energy
+    cfg = demo_model_config(DEMO_BASE)["backbone"]
+    cfg.pop("model")
+    plain = EquiformerV2Backbone(**cfg).eval()
+    missing, unexpected = plain.load_state_dict(model.backbone.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"noisy_nodes_seed", "noisy_nodes_step"}
+    with torch.no_grad():
+        a = model.backbone(is2re_batch.clone())["node_embedding"]
+        b = plain(is2re_batch.clone())["node_embedding"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # no pos_relaxed (a test split): the target is zeros, the output still well defined
+    test_batch = is2re_batch.clone()
+    del test_batch.pos_relaxed
+    with torch.no_grad():
+        out_test = model(test_batch)
+    assert torch.equal(test_batch.noisy_nodes, torch.zeros_like(test_batch.pos))
+    torch.testing.assert_close(out_test["energy"], out["energy"])
+
+
+def test_energy_only_data_trains_on_the_noise(is2re_batch):
+    model = build_hydra(probability=1.0)
+    model.train()
+    batch = is2re_batch.clone()
+    del batch.pos_relaxed
+    inp, target, _ = model.backbone.corrupt(batch)
+    free = batch.fixed == 0
+    torch.testing.assert_close(target[free], (inp.pos - batch.pos)[free] / 0.3)
+    assert (target[free].norm(dim=1) > 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the loss reaches the parameters (fairchem's loss, as the trainer computes it)
+# --------------------------------------------------------------------------------------------
+def _trainer_style_loss(out, batch, name="noisy_nodes"):
+    from fairchem.core.modules.loss import DDPLoss
+
+    mask = batch.fixed == 0
+    return DDPLoss("l2mae", reduction="mean")(out[name][mask], batch[name][mask], natoms=batch.natoms)
+
+
+def test_noisy_nodes_loss_reaches_the_parameters(is2re_batch):
+    grads = {}
+    for start in (1.0, 3.0):
+        model = build_hydra(coefficient_start=start, coefficient_end=start, decay_steps=0)
+        model.train()
+        batch = is2re_batch.clone()
+        loss = _trainer_style_loss(model(batch), batch)
+        loss.backward()
+        grads[start] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    g = grads[1.0]
+    head = [k for k in g if k.startswith("output_heads.noisy_nodes")]
+    backbone = [k for k in g if k.startswith("backbone.")]
+    assert head and backbone
+    assert any(g[k].abs().sum() > 0 for k in head) and any(g[k].abs().sum() > 0 for k in backbone)
+    assert sum(g[k].abs().sum() for k in backbone) > 0
+    # the energy head gets no gradient from this term
+    assert not any(k.startswith("output_heads.energy") and g[k].abs().sum() > 0 for k in g)
+    # L2-norm MAE is homogeneous: coefficient 3 scales the gradient by 3 exactly (same draws)
+    for k in g:
+        torch.testing.assert_close(grads[3.0][k], 3 * g[k], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# reproducibility
+# --------------------------------------------------------------------------------------------
+def _corrupted_sequence(model, batch, steps=3):
+    model.train()
+    return [model.backbone.corrupt(batch.clone())[0].pos for _ in range(steps)]
+
+
+def test_reproducible_for_a_seed_and_per_rank(is2re_batch, monkeypatch):
+    a = _corrupted_sequence(build_hydra(torch_seed=5), is2re_batch)
+    b = _corrupted_sequence(build_hydra(torch_seed=5), is2re_batch)
+    c = _corrupted_sequence(build_hydra(torch_seed=6), is2re_batch)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))
+    assert not torch.equal(a[0], a[1])  # each step its own draw
+    # an explicit seed wins over torch's
+    d = _corrupted_sequence(build_hydra(torch_seed=1, seed=42), is2re_batch)
+    e = _corrupted_sequence(build_hydra(torch_seed=2, seed=42), is2re_batch)
+    assert all(torch.equal(x, y) for x, y in zip(d, e))
+    # another DDP rank: another stream
+    monkeypatch.setattr(NoisyNodesBackbone, "_rank", staticmethod(lambda: 1))
+    r1 = _corrupted_sequence(build_hydra(torch_seed=5), is2re_batch)
+    assert not any(torch.equal(x, y) for x, y in zip(a, r1))
+
+
+def test_checkpoint_resumes_the_stream(is2re_batch):
+    model = build_hydra(torch_seed=5)
+    full = _corrupted_sequence(model, is2re_batch, steps=4)
+    model2 = build_hydra(torch_seed=5)
+    _corrupted_sequence(model2, is2re_batch, steps=2)
+    state = copy.deepcopy(model2.state_dict())
+    torch.manual_seed(1234)  # a resumed process may have another torch seed: the buffer wins
+    resumed = build_hydra(torch_seed=99)
+    resumed.load_state_dict(state)
+    rest = _corrupted_sequence(resumed, is2re_batch, steps=2)
+    assert torch.equal(rest[0], full[2]) and torch.equal(rest[1], full[3])
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nn_path, base_path", [(DEMO_NN, DEMO_BASE), (FULL_NN, FULL_BASE)], ids=["demo", "is2re"])
+def test_noisy_nodes_configs(nn_path, base_path):
+    from fairchem.core.common.utils import load_config
+
+    nn_cfg, _, dup = load_config(str(nn_path))
+    base, _, _ = load_config(str(base_path))
+    assert not dup
+    nn_bb, base_bb = dict(nn_cfg["model"]["backbone"]), dict(base["model"]["backbone"])
+    assert nn_bb.pop("model") == "fairchem_equiformerv2.NoisyNodesBackbone"
+    assert base_bb.pop("model") == "fairchem_equiformerv2.EquiformerV2Backbone"
+    knobs = nn_bb.pop("noisy_nodes")
+    assert nn_bb == base_bb  # the same model
+    assert nn_cfg["optim"] == base["optim"] and nn_cfg["trainer"] == base["trainer"]
+    assert nn_cfg["dataset"] == base["dataset"]  # energy target: y_relaxed
+    assert nn_cfg["dataset"]["train"]["key_mapping"] == {"y_relaxed": "energy"}
+    assert (knobs["probability"], knobs["noise_std"], knobs["interpolate"]) == (0.5, 0.3, True)
+    assert (knobs["coefficient_start"], knobs["coefficient_end"]) == (15, 1) and knobs["decay_steps"] > 0
+    NoisyNodesConfig(**knobs)
+    heads = nn_cfg["model"]["heads"]
+    assert heads["noisy_nodes"]["module"] == "fairchem_equiformerv2.NoisyNodesHead"
+    assert heads["energy"] == base["model"]["heads"]["energy"]
+    losses = {k: v for loss in nn_cfg["loss_functions"] for k, v in loss.items()}
+    assert losses["noisy_nodes"] == {"fn": "l2mae", "coefficient": 1}  # the model schedules it
+    assert nn_cfg["outputs"]["noisy_nodes"]["level"] == "atom" and nn_cfg["outputs"]["noisy_nodes"]["train_on_free_atoms"]
+
+
+def test_demo_decay_covers_the_demo_run():
+    from fairchem_equiformerv2.demo_data import DEFAULT_IS2RE_SIZES
+
+    cfg = yaml.safe_load(DEMO_NN.read_text())
+    steps = -(-DEFAULT_IS2RE_SIZES["train"] // cfg["optim"]["batch_size"]) * cfg["optim"]["max_epochs"]
+    assert cfg["model"]["backbone"]["noisy_nodes"]["decay_steps"] == steps
+
+
+# --------------------------------------------------------------------------------------------
+# fairchem CLI: train -> predict
+# --------------------------------------------------------------------------------------------
+def _fairchem(args, log: Path, timeout=600):
+    exe = BIN / "fairchem"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fairchem.core._cli"]
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd + [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+@pytest.mark.slow
+def test_cli_train_then_predict(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    common = [
+        "--config-yml", DEMO_NN, "--cpu", "--seed", 0, "--run-dir", run_dir, "--print-every", 1,
+        f"--dataset.train.src={demo_data}/is2re/train", f"--dataset.val.src={demo_data}/is2re/val",
+        "--optim.max_epochs=2", "--optim.scheduler_params.warmup_epochs=0.5",
+        "--model.backbone.noisy_nodes.decay_steps=4",
+    ]
+    log = _fairchem(["--mode", "train", "--timestamp-id", "train"] + common, tmp_path / "train.log")
+    assert log.count("Evaluating on val") == 2
+    losses = [float(line.split("loss: ")[1].split(",")[0]) for line in log.splitlines() if "ocp_trainer.py" in line and " step: " in line]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    ckpt = run_dir / "checkpoints" / "train" / "checkpoint.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    step_key = next(k for k in state if k.endswith("backbone.noisy_nodes_step"))
+    assert int(state[step_key]) == 4  # 16 systems / batch 8 x 2 epochs
+
+    _fairchem(["--mode", "predict", "--timestamp-id", "predict", "--checkpoint", ckpt] + common
+              + [f"--dataset.test.src={demo_data}/is2re/test"], tmp_path / "predict.log")
+    (pred,) = (run_dir / "results" / "predict").glob("*_predictions.npz")
+    with np.load(pred, allow_pickle=True) as p:
+        assert len(p["ids"]) == 4 and np.isfinite(p["energy"]).all()
+        # the vector head's clean-input output: the predicted relaxed displacement / pos_std, free atoms
+        assert p["noisy_nodes"].shape[1] == 3 and np.isfinite(p["noisy_nodes"]).all()
+        assert len(p["noisy_nodes_chunk_idx"]) == 4 - 1
