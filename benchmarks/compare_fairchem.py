@@ -158,6 +158,10 @@ def measure(impl, shape, num_atoms, count, mode, repeats, threads):
     return _in_subprocess(_measure, impl, shape, num_atoms, count, mode, repeats, threads)
 
 
+def _max_difference(shape, num_atoms, count, queue):
+    queue.put(max_difference(shape, num_atoms, count))
+
+
 def max_difference(shape, num_atoms, count):
     """Largest |ours - fairchem| / max |fairchem| of energy and forces, same weights and frames."""
     warnings.filterwarnings("ignore")
@@ -205,7 +209,8 @@ def main(argv=None):
             print(f"{row['mode']:10s} {impl:9s} {row[f'gflop_{impl}']:8.1f} GFLOP  {achieved:6.1f} GFLOP/s  "
                   f"= {achieved / rate:.0%} of the GEMM rate")
     results["gemm_gflops"] = rate
-    diff = max_difference(args.shape, args.atoms, args.structures)
+    # in a subprocess too: children start from this process's peak memory (ru_maxrss survives fork + exec)
+    diff = _in_subprocess(_max_difference, args.shape, args.atoms, args.structures)
     print(f"max relative output difference (same weights and frames): energy {diff['energy']:.1e}, forces {diff['forces']:.1e}")
     results["max_difference"] = diff
 

@@ -22,6 +22,7 @@ from ..so3.rotation import EdgeRotation
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
 from .linear import SO3Linear
 from .radial import EdgeTypeEmbedding, RadialMLP
+from .scatter import scatter_sum
 from .so2_conv import SO2Convolution
 
 ACTIVATIONS = ("separable_s2", "s2", "gate")
@@ -120,7 +121,7 @@ class GraphAttention(nn.Module):
         if self.edge_types is not None:
             edge_features = self.edge_types(edge_features, atomic_numbers, edge_index)
 
-        message = torch.cat((x[source], x[target]), dim=2)  # [E, F, 2C]
+        message = torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=2)  # [E, F, 2C]
         if self.use_m_share_rad:
             weight = self.rad_func(edge_features).view(-1, self.layout.lmax + 1, 2 * self.sphere_channels)
             message = message * weight[:, self.degree]
@@ -139,8 +140,7 @@ class GraphAttention(nn.Module):
         value = value.view(value.shape[0], value.shape[1], self.num_heads, self.value_channels) * alpha[:, None, :, None]
         value = rotation.rotate_back(value.flatten(2))  # [E, F, heads * V]
 
-        out = value.new_zeros(x.shape[0], value.shape[1], value.shape[2]).index_add_(0, target, value)
-        return self.proj(out)  # [N, F, output_channels]
+        return self.proj(scatter_sum(value, target, x.shape[0]))  # [N, F, output_channels]
 
     def extra_repr(self) -> str:
         return (

@@ -13,6 +13,7 @@ from torch import nn
 from ..so3.layout import num_coefficients
 from ..so3.rotation import EdgeRotation
 from .radial import EdgeTypeEmbedding, RadialMLP
+from .scatter import scatter_sum
 
 
 class AtomEmbedding(nn.Module):
@@ -71,8 +72,7 @@ class EdgeDegreeEmbedding(nn.Module):
         m0 = self.rad_func(edge_features).view(-1, self.lmax + 1, self.sphere_channels)  # [E, lmax+1, C]
         # The m = 0 coefficients are the first lmax + 1 rows of the edge layout.
         rotated = torch.bmm(rotation.from_edge[:, :, : self.lmax + 1], m0)  # [E, F, C]
-        out = rotated.new_zeros(atomic_numbers.shape[0], *rotated.shape[1:]).index_add_(0, edge_index[1], rotated)
-        return out / self.rescale_factor  # [N, F, C]
+        return scatter_sum(rotated, edge_index[1], atomic_numbers.shape[0]) / self.rescale_factor  # [N, F, C]
 
     def extra_repr(self) -> str:
         return f"sphere_channels={self.sphere_channels}, lmax={self.lmax}, rescale_factor={self.rescale_factor}"

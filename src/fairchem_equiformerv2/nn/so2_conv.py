@@ -116,16 +116,15 @@ class SO2Convolution(nn.Module):
         if self.rad_func is not None:
             weights = self.rad_func(edge_features).split(self.radial_sizes, dim=1)
 
-        blocks = self.layout.order_slices()
-        _, start, length = blocks[0]
-        x_0 = x.narrow(1, start, length).reshape(num_edges, -1)
-        y_0 = radial_linear(self.fc_m0, x_0, weights[0])
+        # split, not narrow: its backward concatenates the blocks' gradients instead of zero-filling
+        # a full-size gradient per block
+        x_0, *x_m = x.split([length for _, _, length in self.layout.order_slices()], dim=1)
+        y_0 = radial_linear(self.fc_m0, x_0.reshape(num_edges, -1), weights[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], dim=1)
         out = [y_0.view(num_edges, -1, self.out_channels)]
 
-        for (m, start, length), conv, w in zip(blocks[1:], self.so2_m_conv, weights[1:]):
-            x_m = x.narrow(1, start, length).reshape(num_edges, 2, -1)
-            out.append(conv(x_m, None if w is None else w.unsqueeze(1)))
+        for x_m, conv, w in zip(x_m, self.so2_m_conv, weights[1:]):
+            out.append(conv(x_m.reshape(num_edges, 2, -1), None if w is None else w.unsqueeze(1)))
 
         out = torch.cat(out, dim=1)  # [E, K, out_channels]
         return (out, extra) if self.extra_m0_channels else out
