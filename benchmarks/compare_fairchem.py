@@ -176,6 +176,29 @@ def max_difference(shape, num_atoms, count):
     return {k: ((a[k][k] - b[k][k]).abs().max() / a[k][k].abs().max()).item() for k in ("energy", "forces")}
 
 
+def plot_sweep(sweep, title, ylabel, path):
+    """Log-log plot of ``sweep`` = [(atoms, fairchem seconds, our seconds), ...] to the PNG ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    atoms, t_f, t_o = zip(*sweep)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.loglog(atoms, t_f, "o-", label="fairchem EquiformerV2")
+    ax.loglog(atoms, t_o, "s-", label="fairchem-equiformerv2")
+    ax.set_xticks(atoms)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("atoms")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="31M")
@@ -231,21 +254,7 @@ def main(argv=None):
                   f"{t['fairchem'][1]:12.2f} {t['ours'][1]:8.2f}" + ("  (fairchem failed: out of memory?)" if r["fairchem"] is None else ""))
         results["sweep"] = sweep
         if args.plot:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            atoms, t_f, t_o = zip(*sweep)
-            plt.figure(figsize=(5, 3.5))
-            plt.loglog(atoms, t_f, "o-", label="fairchem EquiformerV2")
-            plt.loglog(atoms, t_o, "s-", label="fairchem-equiformerv2")
-            plt.xlabel("atoms")
-            plt.ylabel(f"{mode} step (s)")
-            plt.title(f"EquiformerV2 {args.shape}, CPU, {args.threads} threads")
-            plt.legend()
-            plt.tight_layout()
-            plt.savefig(args.plot, dpi=120)
+            plot_sweep(sweep, f"EquiformerV2 {args.shape}, CPU, {args.threads} threads", f"{mode} step (s)", args.plot)
             print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:

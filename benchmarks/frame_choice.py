@@ -10,7 +10,8 @@ the largest value:
     python benchmarks/frame_choice.py --shape 31M --draws 5
     python benchmarks/frame_choice.py --shape 83M
 
-Weights are random: trained weights differ, so treat the numbers as an order of magnitude.
+Weights are random (fairchem's initialisation plus noise, ``--perturb``): trained weights differ, so
+treat the numbers as an order of magnitude.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ DEMO = dict(num_layers=2, lmax_list=[2], mmax_list=[2], sphere_channels=16, attn
             grid_resolution=None, max_radius=6.0, max_neighbors=20)
 
 
-def build(shape: str, seed: int) -> torch.nn.Module:
+def build(shape: str, seed: int, perturb: float) -> torch.nn.Module:
+    """Our model with fairchem's initialisation, plus ``N(0, perturb^2)`` on every parameter (so
+    norms, biases and the last layers are not at their trivial initial values, as after training)."""
     from fairchem.core.models.base import HydraModel
 
     torch.manual_seed(seed)
@@ -35,7 +38,11 @@ def build(shape: str, seed: int) -> torch.nn.Module:
     backbone = {"model": "fairchem_equiformerv2.EquiformerV2Backbone", **args, "alpha_drop": 0.0, "drop_path_rate": 0.0,
                 "edge_roll": "deterministic"}
     heads = {"energy": {"module": "fairchem_equiformerv2.EnergyHead"}, "forces": {"module": "fairchem_equiformerv2.ForceHead"}}
-    return HydraModel(backbone=backbone, heads=heads, otf_graph=True).eval()
+    model = HydraModel(backbone=backbone, heads=heads, otf_graph=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model
 
 
 def main() -> None:
@@ -45,6 +52,7 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=2)
     parser.add_argument("--draws", type=int, default=5, help="random-roll evaluations to compare")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--perturb", type=float, default=0.1, help="noise added to the initial weights (0: as initialised)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -54,7 +62,7 @@ def main() -> None:
 
     a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_edges=False, r_pbc=True)
     batch = data_list_collater([a2g.convert(a) for a in structures(args.atoms, args.structures)], otf_graph=True)
-    model = build(args.shape, args.seed)
+    model = build(args.shape, args.seed, args.perturb)
 
     def evaluate(roll: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         model.backbone.edge_roll = roll
@@ -71,7 +79,8 @@ def main() -> None:
         e, f = evaluate("random", 1000 + draw)
         de = max(de, ((e - energy).abs().max() / energy.abs().max()).item())
         df = max(df, ((f - forces).abs().max() / forces.abs().max()).item())
-    print(f"shape {args.shape}, {len(batch.natoms)} structures of {batch.natoms.tolist()} atoms, {args.draws} random draws")
+    print(f"shape {args.shape} (weights perturbed by {args.perturb}), {len(batch.natoms)} structures of "
+          f"{batch.natoms.tolist()} atoms, {args.draws} random draws")
     print(f"deterministic frames twice: {'bit-identical' if identical else 'DIFFERENT'}")
     print(f"random vs deterministic frames: energy max rel {de:.1e}, forces max rel {df:.1e}")
 
