@@ -10,5 +10,7 @@ from .noisy_nodes import NoisyNodesBackbone, NoisyNodesHead
 
 __version__ = "0.1.0"
 __all__ = [
-    "EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead", "NoisyNodesBackbone", "NoisyNodesHead", "calculator", "convert_checkpoint", "fix_checkpoint",
+    "EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead",
+    "NoisyNodesBackbone", "NoisyNodesHead",
+    "calculator", "convert_checkpoint", "fix_checkpoint",
 ]

@@ -118,7 +118,7 @@ class SO2Convolution(nn.Module):
 
         # split, not narrow: its backward concatenates the blocks' gradients instead of zero-filling
         # a full-size gradient per block
-        x_0, *x_m = x.split([length for _, _, length in self.layout.order_slices()], dim=1)
+        x_0, *x_m = x.split(self.layout.order_lengths, dim=1)
         y_0 = radial_linear(self.fc_m0, x_0.reshape(num_edges, -1), weights[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], dim=1)
         out = [y_0.view(num_edges, -1, self.out_channels)]

@@ -89,12 +89,8 @@ class EdgeLayout:
             dtype=torch.float64,
         )
 
-    def order_slices(self) -> list[tuple[int, int, int]]:
-        """``(m, start, length)`` of each order block: ``length = lmax + 1`` for ``m = 0`` and
+    @cached_property
+    def order_lengths(self) -> list[int]:
+        """Rows of each order block, in layout order: ``lmax + 1`` for ``m = 0`` and
         ``2 (lmax + 1 - m)`` (``+m`` then ``-m``) for ``m > 0``."""
-        out, start = [], 0
-        for m, size in enumerate(self.m_sizes):
-            length = size if m == 0 else 2 * size
-            out.append((m, start, length))
-            start += length
-        return out
+        return [size if m == 0 else 2 * size for m, size in enumerate(self.m_sizes)]
