@@ -17,10 +17,19 @@ outputs), which is mapped to hydra heads named ``energy`` and ``forces``.
 """
 from __future__ import annotations
 
+import copy
+import logging
+import os
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+
+from .atomic import replaced_atomically
+from .errors import UserInputError
 
 DERIVED_BUFFERS = (
     "to_grid_mat", "from_grid_mat", "l_harmonic", "m_harmonic", "m_complex", "res_size", "to_m",
@@ -139,15 +148,6 @@ def load_fairchem_weights(model: torch.nn.Module, state_dict: Mapping[str, torch
 # weights-only types, and :func:`calculator` reads a checkpoint with ``weights_only=True`` before
 # handing it to fairchem, so nothing is unpickled by fairchem that we did not check.
 # ---------------------------------------------------------------------------------------------
-
-import copy  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import zipfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from .errors import UserInputError  # noqa: E402
 
 PLUGIN_BACKBONE = "fairchem_equiformerv2.EquiformerV2Backbone"
 FAIRCHEM_BACKBONES = ("equiformer_v2_backbone",)
@@ -542,10 +542,8 @@ def fix_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None = None,
 
 
 def _atomic_save(obj, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, dst)
+    with replaced_atomically(dst) as temporary:
+        torch.save(obj, temporary)
     logging.info("wrote %s", dst)
 
 

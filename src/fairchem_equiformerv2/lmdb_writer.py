@@ -15,18 +15,19 @@ byte-identical files. Unpickling yields ordinary tensors of the same dtype and s
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import io
-
 import lmdb
 import numpy as np
 import torch
 from torch_geometric.data import Data
+
+from .atomic import replaced_atomically
 
 #: Address space reserved for one file (sparse: only written pages use disk).
 DEFAULT_MAP_SIZE = 1 << 32
@@ -37,8 +38,8 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 def write_lmdb(path: str | os.PathLike, entries: Iterable[Data], map_size: int = DEFAULT_MAP_SIZE) -> int:
     """Write ``entries`` to the LMDB file ``path``, replacing it atomically.
 
-    The file is first written as ``<path>.tmp`` and renamed once complete, so an
-    interrupted run never leaves a half-written ``path`` behind.
+    The file is written beside ``path`` and renamed once complete (:func:`.replaced_atomically`), so
+    an interrupted run never leaves a half-written ``path`` behind.
 
     Args:
         path: the ``.lmdb`` file to write; its folder must exist.
@@ -48,20 +49,17 @@ def write_lmdb(path: str | os.PathLike, entries: Iterable[Data], map_size: int =
     Returns:
         the number of entries written.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _remove_lmdb_file(tmp)
-    env = lmdb.open(str(tmp), map_size=map_size, subdir=False, lock=False, meminit=True, sync=True)
-    try:
-        count = 0
-        with env.begin(write=True) as txn:
-            for count, data in enumerate(entries, start=1):
-                txn.put(f"{count - 1}".encode("ascii"), dumps_deterministic(data))
-            txn.put(b"length", dumps_deterministic(count))
-        env.sync()
-    finally:
-        env.close()
-    os.replace(tmp, path)
+    with replaced_atomically(Path(path)) as temporary:
+        env = lmdb.open(str(temporary), map_size=map_size, subdir=False, lock=False, meminit=True, sync=True)
+        try:
+            count = 0
+            with env.begin(write=True) as txn:
+                for count, data in enumerate(entries, start=1):
+                    txn.put(f"{count - 1}".encode("ascii"), dumps_deterministic(data))
+                txn.put(b"length", dumps_deterministic(count))
+            env.sync()
+        finally:
+            env.close()
     return count
 
 
@@ -97,9 +95,3 @@ def write_metadata(folder: str | os.PathLike, natoms: Iterable[int]) -> Path:
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
     return out
-
-
-def _remove_lmdb_file(path: Path) -> None:
-    for p in (path, path.with_name(path.name + "-lock")):
-        if p.exists():
-            p.unlink()

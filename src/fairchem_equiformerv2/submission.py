@@ -34,7 +34,6 @@ and renamed, so a failure never leaves a partial submission.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replaced_atomically
 from .errors import UserInputError
 
 #: EvalAI test splits per dataset, in submission order.
@@ -218,22 +218,11 @@ def submission_arrays(predictions: list[SplitPredictions]) -> dict[str, np.ndarr
 
 
 def write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    """``np.savez_compressed(path, **arrays)`` via a temporary file in the same folder.
-
-    The folder is created if needed. On any failure the temporary file is removed and
-    ``path`` is left as it was.
-    """
+    """``np.savez_compressed(path, **arrays)``, all or nothing (see :func:`.replaced_atomically`)."""
     if path.is_dir():
         raise SubmissionError(f"--out-path is a folder: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
+        np.savez_compressed(file, **arrays)
     return path
 
 
