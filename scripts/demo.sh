@@ -50,20 +50,15 @@ echo "==> [5/5] validation metrics of $CKPT   (log: $OUT/validate.log)"
 "$BIN/fairchem" --mode validate --config-yml "$CONFIG" --cpu --run-dir "$OUT" --timestamp-id validate \
     --checkpoint "$CKPT" "${data_args[@]}" > "$OUT/validate.log" 2>&1 || { tail -n 30 "$OUT/validate.log"; exit 1; }
 "$BIN/python" - "$OUT/validate.log" "$DATA/s2ef/val/data.lmdb" <<'PY'
-import pickle, re, sys
-import lmdb, numpy as np
+import re, sys
+from fairchem_equiformerv2.demo_data import zero_force_mae
 
 log, val_lmdb = sys.argv[1], sys.argv[2]
 lines = [l for l in open(log) if "forces_mae:" in l]
 if not lines:
     sys.exit(f"error: no validation metrics in {log}")
 metrics = dict(re.findall(r"(\w+): ([-+0-9.eE]+)", lines[-1].split("(INFO):", 1)[-1]))
-# the force MAE of predicting zero forces, on the same atoms fairchem scores (free atoms: eval_on_free_atoms)
-env = lmdb.open(val_lmdb, subdir=False, readonly=True, lock=False)
-with env.begin() as txn:
-    absf = [np.abs(d.forces.numpy()[d.fixed.numpy() == 0])
-            for key, raw in txn.cursor() if key.isdigit() for d in [pickle.loads(raw)]]
-zero = float(np.concatenate(absf).mean())
+zero = zero_force_mae(val_lmdb)
 fmae = float(metrics["forces_mae"])
 print(f"validation: energy MAE {float(metrics['energy_mae']):.4f} eV, force MAE {fmae:.4f} eV/A, "
       f"force cosine {float(metrics['forces_cosine_similarity']):.3f}")

@@ -6,14 +6,12 @@ fairchem's start-up (about 10 s per command).
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -78,21 +76,6 @@ def train_steps(log: str) -> dict[int, tuple[float, float]]:
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     return {re.sub(r"^(module\.)+", "", k): v.float() for k, v in state.items()}
-
-
-def zero_force_mae(lmdb_path: Path) -> float:
-    import lmdb
-
-    env = lmdb.open(str(lmdb_path), subdir=False, readonly=True, lock=False)
-    with env.begin() as txn:
-        absf = [
-            np.abs(d.forces.numpy()[d.fixed.numpy() == 0])
-            for key, raw in txn.cursor()
-            if key.isdigit()
-            for d in [pickle.loads(raw)]
-        ]
-    env.close()
-    return float(np.concatenate(absf).mean())
 
 
 @pytest.fixture(scope="session")

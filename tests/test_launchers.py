@@ -141,6 +141,18 @@ def slurm(tmp_path):
     return env, rec, shim
 
 
+def submit_demo_training(demo_data: Path, tmp_path: Path, env: dict, rec: Path, num_gpus: int, timestamp: str,
+                         *extra) -> dict[str, str]:
+    """`fairchem --mode train --submit` of a 1-node demo run through the stand-in sbatch; the job it recorded."""
+    run(
+        fairchem_cmd() + ["--mode", "train", "--submit", "--num-nodes", 1, "--num-gpus", num_gpus,
+                          "--slurm-partition", "test", "--logdir", tmp_path / "logs"]
+        + s2ef_args(demo_data, tmp_path / "run", timestamp, *extra),
+        tmp_path / "submit.log", env=env, timeout=120,
+    )
+    return submitted(rec)
+
+
 def submitted(rec: Path) -> dict[str, str]:
     scripts = sorted(rec.glob("sbatch_*.sh"))
     assert len(scripts) == 1, scripts
@@ -232,13 +244,7 @@ def test_submit_writes_correct_slurm_jobs(tmp_path, slurm):
 def test_slurm_two_task_job_trains(demo_data, tmp_path, slurm):
     env, rec, shim = slurm
     run_dir = tmp_path / "run"
-    run(
-        fairchem_cmd() + ["--mode", "train", "--submit", "--num-nodes", 1, "--num-gpus", 2,
-                          "--slurm-partition", "test", "--logdir", tmp_path / "logs"]
-        + s2ef_args(demo_data, run_dir, "slurm2", "--optim.max_epochs=1", "--optim.batch_size=4"),
-        tmp_path / "submit.log", env=env, timeout=120,
-    )
-    job = submitted(rec)
+    job = submit_demo_training(demo_data, tmp_path, env, rec, 2, "slurm2", "--optim.max_epochs=1", "--optim.batch_size=4")
     opts = sbatch_options(job["script"])
     assert opts["nodes"] == "1" and opts["ntasks-per-node"] == "2" and opts["gpus-per-node"] == "2"
     codes = run_payload(job["script"], job["id"], 2, env, shim, tmp_path)
@@ -259,13 +265,7 @@ def test_preempted_job_resumes_to_the_same_loss_curve(demo_data, tmp_path, slurm
     env, rec, shim = slurm
     reference_log, reference_ckpt = single_process_run
     run_dir = tmp_path / "run"
-    run(
-        fairchem_cmd() + ["--mode", "train", "--submit", "--num-nodes", 1, "--num-gpus", 1,
-                          "--slurm-partition", "test", "--logdir", tmp_path / "logs"]
-        + s2ef_args(demo_data, run_dir, "single", "--optim.max_epochs=2", "--optim.batch_size=8"),
-        tmp_path / "submit.log", env=env, timeout=120,
-    )
-    job = submitted(rec)
+    job = submit_demo_training(demo_data, tmp_path, env, rec, 1, "single", "--optim.max_epochs=2", "--optim.batch_size=8")
     # first allocation: the time-limit warning arrives after step 3 (mid-epoch: 4 steps per epoch)
     codes = run_payload(job["script"], job["id"], 1, env, shim, tmp_path, {"EQV2_TEST_SIGUSR2_AFTER_STEP": "3"})
     first = (tmp_path / f"payload_{job['id']}_0.log").read_text()

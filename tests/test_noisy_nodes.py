@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from fairchem_runs import base_env, demo_data, fairchem_cmd, run, train_steps  # noqa: F401  (demo_data is a fixture)
 
 from fairchem_equiformerv2 import EquiformerV2Backbone, NoisyNodesBackbone, NoisyNodesHead
 from fairchem_equiformerv2.backbone import ConfigError
@@ -31,7 +30,6 @@ DEMO_NN = ROOT / "configs" / "demo" / "is2re_noisy_nodes.yml"
 DEMO_BASE = ROOT / "configs" / "demo" / "is2re.yml"
 FULL_NN = ROOT / "configs" / "is2re" / "equiformer_v2_noisy_nodes.yml"
 FULL_BASE = ROOT / "configs" / "is2re" / "equiformer_v2.yml"
-BIN = Path(sys.executable).parent
 
 
 def _z(p: float, n: int) -> float:
@@ -41,16 +39,6 @@ def _z(p: float, n: int) -> float:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    from fairchem_equiformerv2.demo_data import make_demo_data
-
-    out = tmp_path_factory.mktemp("nn_demo")
-    make_demo_data(out, seed=0, s2ef_sizes={"train": 1, "val": 1, "test": 1},
-                   is2re_sizes={"train": 16, "val": 4, "test": 4}, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def is2re_batch(demo_data):
     """8 demo IS2RE structures as the trainer sees them (y_relaxed -> energy)."""
@@ -204,7 +192,7 @@ def test_model_applies_the_schedule_to_prediction_and_target(is2re_batch):
     ratios = []
     for step in range(6):
         batch = is2re_batch.clone()
-        out = model(batch)
+        model(batch)  # writes the scaled target into batch.noisy_nodes
         bb = model.backbone
         # the unscaled target is recoverable: corrupt again with the same (seed, rank, step)
         bb.noisy_nodes_step -= 1
@@ -391,19 +379,6 @@ def test_demo_decay_covers_the_demo_run():
 # --------------------------------------------------------------------------------------------
 # fairchem CLI: train -> predict
 # --------------------------------------------------------------------------------------------
-def _fairchem(args, log: Path, timeout=600):
-    exe = BIN / "fairchem"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fairchem.core._cli"]
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd + [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
 @pytest.mark.slow
 def test_cli_train_then_predict(demo_data, tmp_path):
     run_dir = tmp_path / "run"
@@ -413,17 +388,18 @@ def test_cli_train_then_predict(demo_data, tmp_path):
         "--optim.max_epochs=2", "--optim.scheduler_params.warmup_epochs=0.5",
         "--model.backbone.noisy_nodes.decay_steps=4",
     ]
-    log = _fairchem(["--mode", "train", "--timestamp-id", "train"] + common, tmp_path / "train.log")
+    log = run(fairchem_cmd() + ["--mode", "train", "--timestamp-id", "train"] + common, tmp_path / "train.log",
+              env=base_env())
     assert log.count("Evaluating on val") == 2
-    losses = [float(line.split("loss: ")[1].split(",")[0]) for line in log.splitlines() if "ocp_trainer.py" in line and " step: " in line]
-    assert len(losses) == 4 and all(np.isfinite(losses))
+    steps = train_steps(log)  # {step: (loss, lr)}
+    assert sorted(steps) == [1, 2, 3, 4] and all(np.isfinite(loss) for loss, _ in steps.values())
     ckpt = run_dir / "checkpoints" / "train" / "checkpoint.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     step_key = next(k for k in state if k.endswith("backbone.noisy_nodes_step"))
     assert int(state[step_key]) == 4  # 16 systems / batch 8 x 2 epochs
 
-    _fairchem(["--mode", "predict", "--timestamp-id", "predict", "--checkpoint", ckpt] + common
-              + [f"--dataset.test.src={demo_data}/is2re/test"], tmp_path / "predict.log")
+    run(fairchem_cmd() + ["--mode", "predict", "--timestamp-id", "predict", "--checkpoint", ckpt] + common
+        + [f"--dataset.test.src={demo_data}/is2re/test"], tmp_path / "predict.log", env=base_env())
     (pred,) = (run_dir / "results" / "predict").glob("*_predictions.npz")
     with np.load(pred, allow_pickle=True) as p:
         assert len(p["ids"]) == 4 and np.isfinite(p["energy"]).all()

@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 import yaml
 from fairchem_runs import (  # noqa: F401  (demo_data is a fixture)
-    CONFIGS, DEMO_IS2RE, DEMO_S2EF, N_TEST, N_TRAIN, SEED, base_env, demo_data, eqv2_cmd, fairchem_cmd, run, s2ef_args, val_metrics, zero_force_mae
+    CONFIGS, DEMO_IS2RE, DEMO_S2EF, N_TEST, N_TRAIN, SEED, base_env, demo_data, eqv2_cmd, fairchem_cmd, run, s2ef_args,
+    val_metrics,
 )
+
+from fairchem_equiformerv2.demo_data import zero_force_mae
+
 
 # --------------------------------------------------------------------------------------------
 # configs

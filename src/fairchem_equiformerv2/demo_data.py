@@ -112,6 +112,16 @@ def make_demo_data(
     return paths
 
 
+def zero_force_mae(src: str | Path) -> float:
+    """The force MAE (eV/Å) of predicting zero forces on the S2EF LMDB ``src``, over the free atoms
+    (``fixed == 0``) as fairchem scores with ``eval_on_free_atoms``: the baseline a model must beat."""
+    from fairchem.core.datasets import LmdbDataset
+
+    dataset = LmdbDataset({"src": str(src)})
+    forces = [d.forces[d.fixed == 0].abs() for d in (dataset[i] for i in range(len(dataset)))]
+    return float(torch.cat(forces).mean())
+
+
 def write_split(folder: Path, entries: list[Data]) -> Path:
     """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms) for ``entries``; returns the LMDB path."""
     folder.mkdir(parents=True, exist_ok=True)
