@@ -7,6 +7,10 @@ runs, the ratio ours/fairchem, peak memory, and the largest output difference (f
     python benchmarks/compare_fairchem.py --shape 31M                    # one size, train + inference
     python benchmarks/compare_fairchem.py --shape 31M --modes inference --sweep 20,50,100,200,400,800 \
         --plot benchmarks/scaling.png
+    python benchmarks/compare_fairchem.py --device cuda --shape 31M --atoms 80 --structures 8 --repeats 20
+
+On a GPU the measurements run in this process, one after another (peak memory is the CUDA allocator's
+peak, reset before each), timed with the device synchronised; float32 throughout (no TF32).
 """
 from __future__ import annotations
 
@@ -52,17 +56,20 @@ def structures(num_atoms: int, count: int):
     return out
 
 
-def build(impl: str, shape: str, seed: int = 0):
-    from fairchem.core.common.utils import setup_imports
+def build(impl: str, shape: str, seed: int = 0, **overrides):
+    """fairchem's HydraModel of ``impl`` ("fairchem" or "ours") with the published ``shape``; ``overrides``
+    go to the backbone."""
+    # registers fairchem's names (setup_imports would import every fairchem model, and what they need)
+    import fairchem.core.models.equiformer_v2.equiformer_v2  # noqa: F401
+    import fairchem.core.models.equiformer_v2.heads  # noqa: F401
     from fairchem.core.models.base import HydraModel
 
-    setup_imports()
     logging.disable(logging.WARNING)
     torch = __import__("torch")
     torch.manual_seed(seed)
     backbone, energy, forces = NAMES[impl]
     model = HydraModel(
-        backbone={"model": backbone, **COMMON, **SHAPES[shape]},
+        backbone={"model": backbone, **COMMON, **SHAPES[shape], **overrides},
         heads={"energy": {"module": energy}, "forces": {"module": forces}},
     )
     if impl == "fairchem":
@@ -79,63 +86,91 @@ def same_weights(fairchem_model, ours):
     load_fairchem_weights(ours, fairchem_model.state_dict())
 
 
-def _measure(impl, shape, num_atoms, count, mode, repeats, threads, queue):
-    warnings.filterwarnings("ignore")
-    import torch
+def demo_batch(num_atoms: int, count: int, device: str = "cpu"):
+    """``count`` slabs of about ``num_atoms`` atoms as one fairchem batch on ``device``."""
     from fairchem.core.common.data_parallel import data_list_collater
     from fairchem.core.preprocessing import AtomsToGraphs
 
-    torch.set_num_threads(threads)
     a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_edges=False, r_fixed=True)
-    batch = data_list_collater([a2g.convert(s) for s in structures(num_atoms, count)], otf_graph=True)
-    model = build(impl, shape)
+    return data_list_collater([a2g.convert(s) for s in structures(num_atoms, count)], otf_graph=True).to(device)
+
+
+def step(model, batch, mode: str) -> None:
+    """One training step (forward + backward of energy and forces) or one inference (no gradients)."""
+    import torch
+
+    if mode == "train":
+        out = model(batch)
+        loss = out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(batch)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _measure(impl, shape, num_atoms, count, mode, repeats, threads, device, queue):
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads)
+    batch = demo_batch(num_atoms, count, device)
+    model = build(impl, shape).to(device)
     model.train(mode == "train")
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for i in range(repeats + 1):  # the first run warms up
+    for i in range(repeats + (3 if cuda else 1)):  # the first runs warm up
+        synchronize(device)
         start = time.perf_counter()
-        if mode == "train":
-            out = model(batch)
-            loss = out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                out = model(batch)
-        if i:
-            times.append(time.perf_counter() - start)
-    result = {"median_s": statistics.median(times), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "atoms": int(batch.natoms.sum())}
+        step(model, batch, mode)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {"median_s": statistics.median(times[-repeats:]), "peak_gb": peak, "atoms": int(batch.natoms.sum())}
     result["gflop"] = step_flops(model, batch, mode) / 1e9
     queue.put(result)
 
 
 def step_flops(model, batch, mode) -> float:
     """Matrix-multiply FLOPs of one step (torch's FlopCounterMode: mm, bmm, addmm, ...; elementwise
-    work such as SiLU is not counted)."""
-    import torch
+    work such as SiLU is not counted). Inference is counted with gradients enabled (the same matmuls):
+    newer torch's counter fails under no_grad."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
         if mode == "train":
-            out = model(batch)
-            (out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()).backward()
-            model.zero_grad(set_to_none=True)
+            step(model, batch, mode)
         else:
-            with torch.no_grad():
-                model(batch)
+            model(batch)
     return float(counter.get_total_flops())
 
 
-def _matmul_rate(threads, queue):
-    """The machine's dense float32 matmul rate (GFLOP/s): a 2048^3 GEMM, best of 5."""
+def _matmul_rate(threads, device, queue):
+    """The machine's dense float32 matmul rate (GFLOP/s): best of 5 square GEMMs (2048 on CPU, 8192 on GPU)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    queue.put(2 * 2048**3 / best / 1e9)
+
+    def gemm():
+        a @ b
+        synchronize(device)
+
+    best = min(_timed(gemm) for _ in range(5))
+    queue.put(2 * n**3 / best / 1e9)
 
 
 def _timed(fn) -> float:
@@ -144,8 +179,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+class _Result:
+    """A queue of one item, for measurements run in this process."""
+
+    def put(self, value):
+        self.value = value
+
+
 def _in_subprocess(target, *args):
-    """Run ``target(*args, queue)`` in a fresh process; None if it died (e.g. out of memory)."""
+    """Run ``target(*args, queue)`` in a fresh process; None if it died (e.g. out of memory).
+    On a GPU (``args[-1]`` the device) in this process instead: the allocator's peak is per process."""
+    if str(args[-1]).startswith("cuda"):
+        import torch
+
+        result = _Result()
+        try:
+            target(*args, result)
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            torch.cuda.empty_cache()
+        return result.value
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, queue))
@@ -154,26 +208,28 @@ def _in_subprocess(target, *args):
     return queue.get() if p.exitcode == 0 and not queue.empty() else None
 
 
-def measure(impl, shape, num_atoms, count, mode, repeats, threads):
-    return _in_subprocess(_measure, impl, shape, num_atoms, count, mode, repeats, threads)
+def measure(impl, shape, num_atoms, count, mode, repeats, threads, device="cpu"):
+    return _in_subprocess(_measure, impl, shape, num_atoms, count, mode, repeats, threads, device)
 
 
-def _max_difference(shape, num_atoms, count, queue):
-    queue.put(max_difference(shape, num_atoms, count))
+def _max_difference(shape, num_atoms, count, device, queue):
+    queue.put(max_difference(shape, num_atoms, count, device))
 
 
-def max_difference(shape, num_atoms, count):
+def max_difference(shape, num_atoms, count, device="cpu"):
     """Largest |ours - fairchem| / max |fairchem| of energy and forces, same weights and frames."""
     warnings.filterwarnings("ignore")
-    from fairchem.core.common.data_parallel import data_list_collater
-    from fairchem.core.preprocessing import AtomsToGraphs
-
-    a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_edges=False, r_fixed=True)
-    batch = data_list_collater([a2g.convert(s) for s in structures(num_atoms, count)], otf_graph=True)
-    theirs, ours = build("fairchem", shape).eval(), build("ours", shape).eval()
+    batch = demo_batch(num_atoms, count, device)
+    theirs, ours = build("fairchem", shape).to(device).eval(), build("ours", shape).to(device).eval()
     same_weights(theirs, ours)
     a, b = theirs(batch), ours(batch)
     return {k: ((a[k][k] - b[k][k]).abs().max() / a[k][k].abs().max()).item() for k in ("energy", "forces")}
+
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 def plot_sweep(sweep, title, ylabel, path):
@@ -206,7 +262,8 @@ def main(argv=None):
     parser.add_argument("--structures", type=int, default=2)
     parser.add_argument("--modes", default="train,inference")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--sweep", default="", help="comma-separated atoms per structure: time one step at each")
     parser.add_argument("--sweep-mode", choices=["train", "inference"], default="inference",
                         help="what the sweep times (training at 800 atoms needs more than 24 GB for fairchem's model)")
@@ -215,17 +272,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     results = {"shape": args.shape, "rows": []}
-    print(f"EquiformerV2 {args.shape}: {args.structures} structures of ~{args.atoms} atoms, {args.threads} threads, "
-          f"median of {args.repeats}")
+    dev = args.device
+    where = torch_device_name(dev) if dev.startswith("cuda") else f"CPU, {args.threads} threads"
+    memory = "peak CUDA memory" if dev.startswith("cuda") else "peak RSS"
+    print(f"EquiformerV2 {args.shape}: {args.structures} structures of ~{args.atoms} atoms, {where}, median of {args.repeats}; "
+          f"GB = {memory}")
     print(f"{'mode':10s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s} {'ratio':>6s}")
-    rate = _in_subprocess(_matmul_rate, args.threads)
+    rate = _in_subprocess(_matmul_rate, args.threads, dev)
     for mode in args.modes.split(","):
-        r = {impl: measure(impl, args.shape, args.atoms, args.structures, mode, args.repeats, args.threads) for impl in ("fairchem", "ours")}
+        r = {impl: measure(impl, args.shape, args.atoms, args.structures, mode, args.repeats, args.threads, dev)
+             for impl in ("fairchem", "ours")}
         f, o = r["fairchem"], r["ours"]
         print(f"{mode:10s} {f['median_s']:11.3f} {o['median_s']:9.3f} {o['median_s'] / f['median_s']:7.2f} "
-              f"{f['peak_rss_gb']:12.2f} {o['peak_rss_gb']:8.2f} {o['peak_rss_gb'] / f['peak_rss_gb']:6.2f}")
+              f"{f['peak_gb']:12.2f} {o['peak_gb']:8.2f} {o['peak_gb'] / f['peak_gb']:6.2f}", flush=True)
         results["rows"].append({"mode": mode, **{f"{k}_{impl}": v for impl in r for k, v in r[impl].items()}})
-    print(f"\nmatmul FLOPs per step and achieved rate (machine: {rate:.0f} GFLOP/s dense float32 GEMM, {args.threads} threads)")
+    print(f"\nmatmul FLOPs per step and achieved rate (machine: {rate:.0f} GFLOP/s dense float32 GEMM, {where})")
     for row in results["rows"]:
         for impl in ("fairchem", "ours"):
             achieved = row[f"gflop_{impl}"] / row[f"median_s_{impl}"]
@@ -233,7 +294,7 @@ def main(argv=None):
                   f"= {achieved / rate:.0%} of the GEMM rate")
     results["gemm_gflops"] = rate
     # in a subprocess too: children start from this process's peak memory (ru_maxrss survives fork + exec)
-    diff = _in_subprocess(_max_difference, args.shape, args.atoms, args.structures)
+    diff = _in_subprocess(_max_difference, args.shape, args.atoms, args.structures, dev)
     print(f"max relative output difference (same weights and frames): energy {diff['energy']:.1e}, forces {diff['forces']:.1e}")
     results["max_difference"] = diff
 
@@ -244,17 +305,18 @@ def main(argv=None):
         print(f"\n{mode} step against system size (1 structure):\n"
               f"{'atoms':>6s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s}")
         for n in sizes:
-            r = {impl: measure(impl, args.shape, n, 1, mode, max(1, args.repeats - 1), args.threads) for impl in ("fairchem", "ours")}
+            r = {impl: measure(impl, args.shape, n, 1, mode, max(1, args.repeats - 1), args.threads, dev)
+                 for impl in ("fairchem", "ours")}
             if r["ours"] is None:
                 print(f"~{n} atoms: ours failed (out of memory?): sweep stops")
                 break
-            t = {impl: (r[impl]["median_s"], r[impl]["peak_rss_gb"]) if r[impl] else (float("nan"),) * 2 for impl in r}
+            t = {impl: (r[impl]["median_s"], r[impl]["peak_gb"]) if r[impl] else (float("nan"),) * 2 for impl in r}
             sweep.append((r["ours"]["atoms"], t["fairchem"][0], t["ours"][0]))
             print(f"{sweep[-1][0]:6d} {t['fairchem'][0]:11.3f} {t['ours'][0]:9.3f} {t['ours'][0] / t['fairchem'][0]:7.2f} "
                   f"{t['fairchem'][1]:12.2f} {t['ours'][1]:8.2f}" + ("  (fairchem failed: out of memory?)" if r["fairchem"] is None else ""))
         results["sweep"] = sweep
         if args.plot:
-            plot_sweep(sweep, f"EquiformerV2 {args.shape}, CPU, {args.threads} threads", f"{mode} step (s)", args.plot)
+            plot_sweep(sweep, f"EquiformerV2 {args.shape}, {where}", f"{mode} step (s)", args.plot)
             print(f"plot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:

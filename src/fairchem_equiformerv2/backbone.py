@@ -301,12 +301,14 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
 
     def forward(self, data) -> dict:
         atomic_numbers = self._check_input(data)
-        graph = self._build_graph(data)
+        # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
+        # would move atoms by ~0.05 A.
+        with torch.autocast(data.pos.device.type, enabled=False):
+            graph = self._build_graph(data)
+            frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
+            rotation = EdgeRotation.from_frames(frames, self.layout)
+            edge_features = self.distance_expansion(graph.edge_distance)  # [E, basis]
         edge_index = graph.edge_index
-
-        frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
-        rotation = EdgeRotation.from_frames(frames, self.layout)
-        edge_features = self.distance_expansion(graph.edge_distance)  # [E, basis]
         if self.shared_edge_types is not None:
             edge_features = self.shared_edge_types(edge_features, atomic_numbers, edge_index)
 

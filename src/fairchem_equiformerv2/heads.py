@@ -24,8 +24,14 @@ from .nn.norm import make_norm
 from .weight_init import init_weights
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a lower precision (bf16 under autocast), else as it is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:
-    """``values [N, ...]`` -> ``[num_structures, ...]``."""
+    """``values [N, ...]`` -> ``[num_structures, ...]``, summed in float32 at least."""
+    values = at_least_float32(values)
     return values.new_zeros(num_structures, *values.shape[1:]).index_add_(0, batch, values)
 
 
@@ -70,7 +76,7 @@ class ForceHead(nn.Module, HeadInterface):
         graph = emb["graph"]
         args = (emb["node_embedding"], graph.atomic_numbers_full, emb["edge_features"], graph.edge_index, emb["rotation"])
         out = checkpoint(self.force_block, *args, use_reentrant=False) if self.activation_checkpoint else self.force_block(*args)
-        return {self.output_name: out[:, 1:4, 0].contiguous()}  # [N, 3]
+        return {self.output_name: at_least_float32(out[:, 1:4, 0]).contiguous()}  # [N, 3]
 
     def extra_repr(self) -> str:
         return f"output_name={self.output_name!r}"

@@ -33,23 +33,48 @@ class SmoothLeakyReLU(nn.Module):
         return f"negative_slope={self.negative_slope}"
 
 
-# Rows (edges or atoms) per block of the grid computation. A block's grid values ([32, P, C]: 5 MB
-# for an 18x18 grid and 128 channels) are reused from one block to the next and stay in cache;
-# one grid tensor for all edges (hundreds of MB) costs more in fresh-page faults than in arithmetic
-# (measured: 4x slower on the CPU for 1520 edges).
+# Rows (edges or atoms) per block of the grid computation. On the CPU a block's grid values
+# ([32, P, C]: 5 MB for an 18x18 grid and 128 channels) are reused from one block to the next and
+# stay in cache; one grid tensor for all edges (hundreds of MB) costs more in fresh-page faults than
+# in arithmetic (measured: 4x slower for 1520 edges). On a GPU, blocks are as large as
+# GRID_BLOCK_BYTES_GPU allows: few kernel launches, bounded memory.
 GRID_BLOCK_ROWS = 32
+GRID_BLOCK_BYTES_GPU = 256 * 2**20
+
+
+def grid_block_rows(x: torch.Tensor, grid_points: int) -> int:
+    """Rows of ``x [N, K, C]`` per block of a ``grid_points``-point grid computation."""
+    if x.device.type == "cpu":
+        return GRID_BLOCK_ROWS
+    return max(GRID_BLOCK_ROWS, GRID_BLOCK_BYTES_GPU // (grid_points * x.shape[-1] * x.element_size()))
+
+
+def _in_dtype_of(x: torch.Tensor):
+    """Autocast off: the grid functions compute in ``x``'s dtype (bf16 when autocast made ``x`` bf16)
+    and write into preallocated tensors, which autocast does not handle."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
-    """``from_grid @ SiLU(to_grid @ x)``: ``x [N, K, C]`` -> ``[N, K', C]``, block by block over ``N``.
+    """``from_grid @ SiLU(to_grid @ x)``: ``x [N, K, C]`` -> ``[N, K', C]``, block by block over ``N``,
+    in ``x``'s dtype.
 
     No autograd (see :class:`_GridSiLU`).
     """
+    with _in_dtype_of(x):
+        to_grid, from_grid = to_grid.to(x.dtype), from_grid.to(x.dtype)
+        if torch.compiler.is_compiling():  # the compiler fuses and plans memory itself
+            return from_grid @ nn.functional.silu(to_grid @ x)
+        return _grid_silu(x, to_grid, from_grid)
+
+
+def _grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
     n, _, channels = x.shape
+    block = grid_block_rows(x, to_grid.shape[0])
     out = x.new_empty(n, from_grid.shape[0], channels)
-    grid = x.new_empty(min(GRID_BLOCK_ROWS, n), to_grid.shape[0], channels)
-    for start in range(0, n, GRID_BLOCK_ROWS):
-        rows = slice(start, min(n, start + GRID_BLOCK_ROWS))
+    grid = x.new_empty(min(block, n), to_grid.shape[0], channels)
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
         g = grid[: rows.stop - start]
         torch.matmul(to_grid, x[rows], out=g)
         nn.functional.silu(g, inplace=True)
@@ -61,14 +86,32 @@ def grid_silu_backward(
     grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
 ) -> torch.Tensor:
     """The gradient of :func:`grid_silu` with respect to ``x``: ``[N, K, C]``, block by block."""
+    with _in_dtype_of(x):
+        grad_out, to_grid, from_grid = grad_out.to(x.dtype), to_grid.to(x.dtype), from_grid.to(x.dtype)
+        if torch.compiler.is_compiling():
+            return _grid_silu_backward_rows(grad_out, x, to_grid, from_grid)
+        return _grid_silu_backward(grad_out, x, to_grid, from_grid)
+
+
+def _grid_silu_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
+) -> torch.Tensor:
     grad_x = torch.empty_like(x)
-    for start in range(0, x.shape[0], GRID_BLOCK_ROWS):
-        rows = slice(start, min(x.shape[0], start + GRID_BLOCK_ROWS))
-        g = torch.matmul(to_grid, x[rows])  # [B, P, C]
-        s = torch.sigmoid(g)
-        grad_g = torch.matmul(from_grid.T, grad_out[rows]) * (s * (1 + g * (1 - s)))  # d SiLU(g) / dg
-        torch.matmul(to_grid.T, grad_g, out=grad_x[rows])
+    block = grid_block_rows(x, to_grid.shape[0])
+    for start in range(0, x.shape[0], block):
+        rows = slice(start, min(x.shape[0], start + block))
+        _grid_silu_backward_rows(grad_out[rows], x[rows], to_grid, from_grid, out=grad_x[rows])
     return grad_x
+
+
+def _grid_silu_backward_rows(
+    grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, out=None
+) -> torch.Tensor:
+    """The gradient for rows ``x [B, K, C]`` at once (into ``out`` when given)."""
+    g = torch.matmul(to_grid, x)  # [B, P, C]
+    s = torch.sigmoid(g)
+    grad_g = torch.matmul(from_grid.T, grad_out) * (s * (1 + g * (1 - s)))  # d SiLU(g) / dg
+    return torch.matmul(to_grid.T, grad_g, out=out)  # [B, K, C]
 
 
 class _GridSiLU(torch.autograd.Function):

@@ -9,6 +9,9 @@ centred (it is invariant). Affine weights are per degree and channel; the bias o
   degree weighted equally ("separable layer norm", the paper's Sec. 3.3).
 * ``rms_norm_sh``: ``l = 0`` centred, one RMS shared by all degrees, each weighted equally (the
   default of the published models).
+
+Under autocast the norms compute in their input's dtype (float32 for the residual stream): bf16
+sums of squares would cost most of bf16 training's accuracy, for little time.
 """
 from __future__ import annotations
 
@@ -33,6 +36,14 @@ class _EquivariantNorm(nn.Module):
         self.lmax, self.num_channels, self.eps = lmax, num_channels, eps
         self.register_buffer("degree", degree_of_coefficients(lmax), persistent=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, (lmax+1)**2, C]`` -> ``[N, (lmax+1)**2, C]``."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(lmax={self.lmax}, num_channels={self.num_channels}, eps={self.eps})"
 
@@ -46,7 +57,7 @@ class EquivariantLayerNorm(_EquivariantNorm):
         self.affine_weight = nn.Parameter(torch.ones(lmax + 1, num_channels))
         self.affine_bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat((x[:, :1] - x[:, :1].mean(dim=2, keepdim=True), x[:, 1:]), dim=1)
         mean_sq = x.pow(2).mean(dim=2)  # [N, F]
         per_degree = mean_sq.new_zeros(x.shape[0], self.lmax + 1).index_add_(1, self.degree, mean_sq)
@@ -68,7 +79,7 @@ class SeparableLayerNorm(_EquivariantNorm):
             balance = _degree_weights(lmax, 1).to(torch.get_default_dtype())
             self.register_buffer("balance", balance, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         scalars = self.norm_l0(x[:, :1])
         if self.lmax == 0:
             return scalars
@@ -88,7 +99,7 @@ class SeparableRMSNorm(_EquivariantNorm):
         self.affine_bias = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("balance", _degree_weights(lmax, 0).to(torch.get_default_dtype()), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat((x[:, :1] - x[:, :1].mean(dim=2, keepdim=True), x[:, 1:]), dim=1)
         mean_sq = torch.einsum("nic,i->nc", x.pow(2), self.balance).mean(dim=1)  # [N]
         out = x * ((mean_sq + self.eps).pow(-0.5)[:, None, None] * self.affine_weight[self.degree])

@@ -37,9 +37,9 @@ class EdgeRotation:
         return cls(to_edge.detach().contiguous(), from_edge.detach().contiguous())
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [E, (lmax+1)**2, C]`` (l-major) -> ``[E, K, C]`` (m-major, in the edge frame)."""
-        return torch.bmm(self.to_edge, x)
+        """``x [E, (lmax+1)**2, C]`` (l-major) -> ``[E, K, C]`` (m-major, in the edge frame), in ``x``'s dtype."""
+        return torch.bmm(self.to_edge.to(x.dtype), x)
 
     def rotate_back(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [E, K, C]`` (m-major, edge frame) -> ``[E, (lmax+1)**2, C]`` (l-major)."""
-        return torch.bmm(self.from_edge, x)
+        """``x [E, K, C]`` (m-major, edge frame) -> ``[E, (lmax+1)**2, C]`` (l-major), in ``x``'s dtype."""
+        return torch.bmm(self.from_edge.to(x.dtype), x)

@@ -1,0 +1,207 @@
+"""The GPU measurements of the performance issue that compare_fairchem.py does not make:
+
+* ``autocast``: bf16 autocast against float32 on the same weights (fairchem's initialisation plus 0.1
+  noise) and frames, for both implementations: ``|bf16 - fp32| / |fp32|`` (norms over the batch) and
+  ``max |bf16 - fp32| / max |fp32|``, energy and forces; and our training step time under each;
+* ``batch``: the largest batch of the 153M shape (structures of ``--atoms`` atoms) whose training step
+  fits in the GPU's memory, without and with activation checkpointing; peak memory is linear in the
+  batch, so it is measured at two small batches, extrapolated to the card's memory, and the
+  extrapolation checked by running that batch (and, where a step is quick, one 10% larger);
+* ``compile``: ``torch.compile`` of each block; compile time and training step time against eager
+  (float32, and under bf16 autocast);
+* ``profile``: our training step's device time by operator (torch.profiler), kernel launches per step.
+
+    python benchmarks/gpu_checks.py --device cuda                 # all three
+    python benchmarks/gpu_checks.py --device cuda --checks batch --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+from compare_fairchem import build, demo_batch, same_weights, step, synchronize
+
+
+def timed_steps(model, batch, mode: str, device: str, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of ``repeats`` steps after ``warmup`` untimed ones."""
+    times = []
+    for _ in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step(model, batch, mode)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def relative_difference(a: dict, b: dict) -> dict:
+    """``|a - b| / |a|`` (norms) and ``max |a - b| / max |a|`` of energy and forces of two HydraModel outputs."""
+    out = {}
+    for k in ("energy", "forces"):
+        diff = a[k][k].float() - b[k][k].float()
+        out[f"{k}_norm"] = (diff.norm() / a[k][k].norm()).item()
+        out[f"{k}_max"] = (diff.abs().max() / a[k][k].abs().max()).item()
+    return out
+
+
+def check_autocast(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
+    batch = demo_batch(atoms, structures, device)
+    ours, theirs = build("ours", shape).to(device), build("fairchem", shape).to(device)
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the initial values (zero biases, unit norms), as after training
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    same_weights(theirs, ours)
+    result = {}
+    for name, model in (("ours", ours), ("fairchem", theirs)):
+        model.eval()
+        with torch.no_grad():
+            reference = model(batch)
+            try:
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                    low = model(batch)
+                result[f"{name}_bf16_vs_fp32"] = relative_difference(reference, low)
+            except RuntimeError as error:  # fairchem's model may not run under autocast
+                result[f"{name}_bf16_vs_fp32"] = f"failed: {str(error).splitlines()[0]}"
+    ours.train()
+    result["ours_train_fp32_s"] = timed_steps(ours, batch, "train", device, repeats)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        result["ours_train_bf16_s"] = timed_steps(ours, batch, "train", device, repeats)
+    return result
+
+
+def peak_memory(model, atoms: int, structures: int, device: str) -> float | None:
+    """Peak CUDA memory (GB) of one training step on ``structures`` structures; None if out of memory."""
+    batch = demo_batch(atoms, structures, device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step(model, batch, "train")
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.cuda.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        return None
+    finally:
+        del batch
+        torch.cuda.empty_cache()
+
+
+def check_largest_batch(atoms: int, device: str, implementations=("ours",), budget_s: float = 60.0) -> dict:
+    """Per implementation (and for ours also with activation checkpointing): peak memory at 4 and 16
+    structures, the batch that extrapolates to 95% of the card, whether it runs (else 10% fewer, until
+    one does) and, if that step took under ``budget_s``, whether 10% more fails."""
+    total = torch.cuda.mem_get_info(device)[1] / 2**30
+    result = {"gpu_memory_gb": total, "atoms_per_structure": int(demo_batch(atoms, 1).natoms.sum())}
+    for impl in implementations:
+        for checkpointing in ((False, True) if impl == "ours" else (False,)):
+            overrides = {"activation_checkpoint": True} if checkpointing else {}
+            model = build(impl, "153M", **overrides).to(device).train()
+            small, large = 4, 16
+            m_small, m_large = peak_memory(model, atoms, small, device), peak_memory(model, atoms, large, device)
+            key = f"{impl}{'_checkpointing' if checkpointing else ''}"
+            if m_small is None or m_large is None:
+                result[key] = {"peak_gb_4": m_small, "peak_gb_16": m_large}
+                continue
+            per_structure = (m_large - m_small) / (large - small)
+            estimate = int((0.95 * total - (m_small - small * per_structure)) / per_structure)
+            n = estimate
+            while True:
+                start = time.perf_counter()
+                peak = peak_memory(model, atoms, n, device)
+                seconds = time.perf_counter() - start
+                if peak is not None or n <= large:
+                    break
+                n = int(n * 0.9)
+            row = {"peak_gb_4": m_small, "peak_gb_16": m_large, "gb_per_structure": per_structure, "estimate": estimate,
+                   "largest_run": n, "peak_gb": peak, "step_s": seconds}
+            if seconds < budget_s:
+                over = int(n * 1.1) + 1
+                row[f"{over}_fits"] = peak_memory(model, atoms, over, device) is not None
+            result[key] = row
+            print(key, row, flush=True)
+            del model
+            torch.cuda.empty_cache()
+    return result
+
+
+def check_compile(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
+    batch = demo_batch(atoms, structures, device)
+    model = build("ours", shape).to(device).train()
+    eager = timed_steps(model, batch, "train", device, repeats)
+    for i, block in enumerate(model.backbone.blocks):
+        model.backbone.blocks[i] = torch.compile(block, dynamic=True)
+    start = time.perf_counter()
+    step(model, batch, "train")
+    synchronize(device)
+    compile_s = time.perf_counter() - start
+    compiled = timed_steps(model, batch, "train", device, repeats)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        step(model, batch, "train")  # recompiles for bf16
+        compiled_bf16 = timed_steps(model, batch, "train", device, repeats)
+    return {"eager_train_s": eager, "compiled_train_s": compiled, "first_step_with_compile_s": compile_s,
+            "compiled_bf16_autocast_train_s": compiled_bf16}
+
+
+def check_profile(shape: str, atoms: int, structures: int, device: str, top: int = 15) -> dict:
+    """Where our training step spends its GPU time: the ``top`` operators by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = demo_batch(atoms, structures, device)
+    model = build("ours", shape).to(device).train()
+    timed_steps(model, batch, "train", device, repeats=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(model, batch, "train")
+        synchronize(device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top), flush=True)
+    return {"device_ms_per_step": total / 3e3, "kernel_launches_per_step": sum(e.count for e in events if e.device_type.name == "CUDA") / 3,
+            "top": [(e.key, round(e.self_device_time_total / 3e3, 2), e.count // 3) for e in events[:top]]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checks", default="autocast,batch,compile")
+    parser.add_argument("--shape", default="31M", help="shape for the autocast and compile checks")
+    parser.add_argument("--atoms", type=int, default=80, help="atoms per structure (about)")
+    parser.add_argument("--structures", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch-fairchem", action="store_true", help="also the largest batch of fairchem's model")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    results = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"}
+    print(results["device"], flush=True)
+    for check in args.checks.split(","):
+        start = time.perf_counter()
+        try:
+            if check == "autocast":
+                out = check_autocast(args.shape, args.atoms, args.structures, args.device, args.repeats)
+            elif check == "batch":
+                out = check_largest_batch(args.atoms, args.device, ("ours", "fairchem") if args.batch_fairchem else ("ours",))
+            elif check == "profile":
+                out = check_profile(args.shape, args.atoms, args.structures, args.device)
+            elif check == "compile":
+                out = check_compile(args.shape, args.atoms, args.structures, args.device, args.repeats)
+            else:
+                raise SystemExit(f"--checks: unknown check {check!r} (autocast, batch, compile, profile)")
+        except Exception as error:  # one check failing must not lose the others' numbers
+            out = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        out["seconds"] = time.perf_counter() - start
+        results[check] = out
+        print(check, json.dumps(out, indent=1), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
