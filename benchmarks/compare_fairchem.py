@@ -116,6 +116,28 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(model, batch, mode: str, device: str, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of ``repeats`` steps after ``warmup`` untimed ones."""
+    times = []
+    for _ in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step(model, batch, mode)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def perturb(model, scale: float) -> None:
+    """Adds ``N(0, scale^2)`` to every parameter: away from the initial values (zero biases, unit
+    norms), as after training."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
 def _measure(impl, shape, num_atoms, count, mode, repeats, threads, device, queue):
     warnings.filterwarnings("ignore")
     import torch
@@ -128,15 +150,9 @@ def _measure(impl, shape, num_atoms, count, mode, repeats, threads, device, queu
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(repeats + (3 if cuda else 1)):  # the first runs warm up
-        synchronize(device)
-        start = time.perf_counter()
-        step(model, batch, mode)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    median = timed_steps(model, batch, mode, device, repeats, warmup=3 if cuda else 1)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result = {"median_s": statistics.median(times[-repeats:]), "peak_gb": peak, "atoms": int(batch.natoms.sum())}
+    result = {"median_s": median, "peak_gb": peak, "atoms": int(batch.natoms.sum())}
     result["gflop"] = step_flops(model, batch, mode) / 1e9
     queue.put(result)
 

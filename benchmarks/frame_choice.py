@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from compare_fairchem import COMMON, SHAPES, structures
+from compare_fairchem import COMMON, SHAPES, structures, perturb as perturb_weights
 
 DEMO = dict(num_layers=2, lmax_list=[2], mmax_list=[2], sphere_channels=16, attn_hidden_channels=16, num_heads=2,
             attn_alpha_channels=8, attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16,
@@ -39,9 +39,7 @@ def build(shape: str, seed: int, perturb: float) -> torch.nn.Module:
                 "edge_roll": "deterministic"}
     heads = {"energy": {"module": "fairchem_equiformerv2.EnergyHead"}, "forces": {"module": "fairchem_equiformerv2.ForceHead"}}
     model = HydraModel(backbone=backbone, heads=heads, otf_graph=True).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(perturb * torch.randn_like(p))
+    perturb_weights(model, perturb)
     return model
 
 

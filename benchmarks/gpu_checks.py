@@ -18,25 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import warnings
 
 import torch
 
-from compare_fairchem import build, demo_batch, same_weights, step, synchronize
-
-
-def timed_steps(model, batch, mode: str, device: str, repeats: int, warmup: int = 3) -> float:
-    """Median seconds of ``repeats`` steps after ``warmup`` untimed ones."""
-    times = []
-    for _ in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step(model, batch, mode)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+from compare_fairchem import build, demo_batch, perturb, same_weights, step, synchronize, timed_steps
 
 
 def relative_difference(a: dict, b: dict) -> dict:
@@ -53,9 +40,7 @@ def check_autocast(shape: str, atoms: int, structures: int, device: str, repeats
     batch = demo_batch(atoms, structures, device)
     ours, theirs = build("ours", shape).to(device), build("fairchem", shape).to(device)
     torch.manual_seed(1)
-    with torch.no_grad():  # away from the initial values (zero biases, unit norms), as after training
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb(theirs, 0.1)
     same_weights(theirs, ours)
     result = {}
     for name, model in (("ours", ours), ("fairchem", theirs)):
