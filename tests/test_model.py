@@ -208,3 +208,19 @@ def test_radial_linear_gradient_matches_autograd():
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, bias))
     assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, None))
+
+
+def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd():
+    """The m > 0 SO(2) map in three matmuls (Gauss) equals the four-matmul complex product."""
+    from fairchem_equiformerv2.nn.so2_conv import _ComplexLinear, complex_linear
+
+    x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 1, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    w_r, w_i = weight.chunk(2)
+    z = torch.complex(x[:, 0] * w[:, 0], x[:, 1] * w[:, 0])
+    expected = z @ torch.complex(w_r, w_i).T
+    with torch.no_grad():
+        torch.testing.assert_close(complex_linear(x, w, weight), torch.stack((expected.real, expected.imag), dim=1))
+    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, w, weight))
+    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, None, weight))

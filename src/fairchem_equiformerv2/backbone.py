@@ -16,6 +16,7 @@ from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_memory import keep_freed_memory
 from .nn.attention import GraphAttention
 from .nn.block import EquiformerV2Block
 from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
@@ -301,6 +302,8 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
 
     def forward(self, data) -> dict:
         atomic_numbers = self._check_input(data)
+        if data.pos.device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's fresh tensors (see cpu_memory.py)
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.
         with torch.autocast(data.pos.device.type, enabled=False):

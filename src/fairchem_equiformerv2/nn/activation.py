@@ -96,22 +96,34 @@ def grid_silu_backward(
 def _grid_silu_backward(
     grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
 ) -> torch.Tensor:
-    grad_x = torch.empty_like(x)
+    n, _, channels = x.shape
     block = grid_block_rows(x, to_grid.shape[0])
-    for start in range(0, x.shape[0], block):
-        rows = slice(start, min(x.shape[0], start + block))
-        _grid_silu_backward_rows(grad_out[rows], x[rows], to_grid, from_grid, out=grad_x[rows])
+    grad_x = torch.empty_like(x)
+    grid = x.new_empty(min(block, n), to_grid.shape[0], channels)
+    grad_grid = torch.empty_like(grid)
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        g, grad_g = grid[: rows.stop - start], grad_grid[: rows.stop - start]
+        torch.matmul(to_grid, x[rows], out=g)
+        torch.matmul(from_grid.T, grad_out[rows], out=grad_g)
+        _silu_backward(grad_g, g, out=grad_g)
+        torch.matmul(to_grid.T, grad_g, out=grad_x[rows])
     return grad_x
 
 
 def _grid_silu_backward_rows(
-    grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, out=None
+    grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
 ) -> torch.Tensor:
-    """The gradient for rows ``x [B, K, C]`` at once (into ``out`` when given)."""
-    g = torch.matmul(to_grid, x)  # [B, P, C]
-    s = torch.sigmoid(g)
-    grad_g = torch.matmul(from_grid.T, grad_out) * (s * (1 + g * (1 - s)))  # d SiLU(g) / dg
-    return torch.matmul(to_grid.T, grad_g, out=out)  # [B, K, C]
+    """The gradient for all rows ``x [N, K, C]`` at once."""
+    grad_g = _silu_backward(torch.matmul(from_grid.T, grad_out), torch.matmul(to_grid, x))  # [N, P, C]
+    return torch.matmul(to_grid.T, grad_g)  # [N, K, C]
+
+
+def _silu_backward(grad: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad * d SiLU(g) / dg`` in one pass (torch's fused kernel, elementwise, so ``out`` may be ``grad``)."""
+    if out is None:
+        return torch.ops.aten.silu_backward(grad, g)
+    return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=out)
 
 
 class _GridSiLU(torch.autograd.Function):

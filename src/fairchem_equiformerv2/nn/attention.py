@@ -22,7 +22,7 @@ from ..so3.rotation import EdgeRotation
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
 from .linear import SO3Linear
 from .radial import EdgeTypeEmbedding, RadialMLP
-from .scatter import scatter_sum
+from .scatter import gather_pairs, scatter_sum
 from .so2_conv import SO2Convolution
 
 ACTIVATIONS = ("separable_s2", "s2", "gate")
@@ -121,7 +121,7 @@ class GraphAttention(nn.Module):
         if self.edge_types is not None:
             edge_features = self.edge_types(edge_features, atomic_numbers, edge_index)
 
-        message = torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=2)  # [E, F, 2C]
+        message = gather_pairs(x, source, target)  # [E, F, 2C]
         if self.use_m_share_rad:
             weight = self.rad_func(edge_features).view(-1, self.layout.lmax + 1, 2 * self.sphere_channels)
             message = message * weight[:, self.degree]

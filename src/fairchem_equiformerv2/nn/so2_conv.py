@@ -56,9 +56,68 @@ def radial_linear(linear: nn.Linear, x: torch.Tensor, w: torch.Tensor | None) ->
     return linear(x * w)
 
 
+def complex_linear(x: torch.Tensor, w: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """The complex product ``(W_r + i W_i)(a + i b)`` with ``a = x_{+m} w``, ``b = x_{-m} w``, in three
+    real matmuls instead of four (Gauss): ``k1 = W_r (a + b)``, ``k2 = (W_i - W_r) a``,
+    ``k3 = (W_r + W_i) b``; ``y_{+m} = k1 - k3``, ``y_{-m} = k1 + k2``.
+
+    ``x [E, 2, D]`` (rows ``+m``, ``-m``), per-edge weights ``w [E, 1, D]`` or None, ``weight [2 O, D]``
+    (``W_r`` above ``W_i``) -> ``[E, 2, O]``.
+    """
+    a, b = _scaled_pair(x, w)
+    w_r, w_i = weight.chunk(2)
+    k1 = (a + b) @ w_r.T
+    k2 = a @ (w_i - w_r).T
+    k3 = b @ (w_r + w_i).T
+    return torch.stack((k1 - k3, k1 + k2), dim=1)  # [E, 2, O]
+
+
+def _scaled_pair(x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_{+m} w, x_{-m} w``, each ``[E, D]``."""
+    if w is None:
+        return x[:, 0], x[:, 1]
+    return x[:, 0] * w[:, 0], x[:, 1] * w[:, 0]
+
+
+class _ComplexLinear(torch.autograd.Function):
+    """:func:`complex_linear` keeping ``x`` and ``w`` for backward (not the scaled copies), with a
+    backward of three matmuls per gradient as well: for ``g = (g_{+m}, g_{-m})`` and ``s = g_{+m} + g_{-m}``,
+
+        dL/da = W_r^T s + (W_i - W_r)^T g_{-m},   dL/db = W_r^T s - (W_r + W_i)^T g_{+m},
+        dL/dW_r = s^T (a + b) - g_{-m}^T a - g_{+m}^T b,   dL/dW_i = g_{-m}^T a - g_{+m}^T b.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, weight):
+        ctx.save_for_backward(x, w, weight)
+        return complex_linear(x, w, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, weight = ctx.saved_tensors
+        g_plus, g_minus = grad[:, 0], grad[:, 1]
+        s = g_plus + g_minus
+        w_r, w_i = weight.to(grad.dtype).chunk(2)
+        grad_x = grad_w = grad_weight = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            p1 = s @ w_r
+            grad_a, grad_b = p1 + g_minus @ (w_i - w_r), p1 - g_plus @ (w_r + w_i)  # [E, D]
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.stack((grad_a, grad_b), dim=1)
+                if w is not None:
+                    grad_x.mul_(w)
+            if w is not None and ctx.needs_input_grad[1]:
+                grad_w = (grad_a * x[:, 0] + grad_b * x[:, 1]).unsqueeze(1)
+        if ctx.needs_input_grad[2]:
+            a, b = (t.to(grad.dtype) for t in _scaled_pair(x, w))
+            q2, q3 = g_minus.T @ a, g_plus.T @ b
+            grad_weight = torch.cat((s.T @ (a + b) - q2 - q3, q2 - q3))
+        return grad_x, grad_w, grad_weight
+
+
 class SO2MConvolution(nn.Module):
     """The complex-linear map of one order ``m > 0``: ``[E, 2, (lmax+1-m) * C_in]`` ->
-    ``[E, 2 (lmax+1-m), C_out]`` (rows ``+m`` then ``-m``)."""
+    ``[E, 2 (lmax+1-m), C_out]`` (rows ``+m`` then ``-m``). ``fc.weight`` holds ``W_r`` above ``W_i``."""
 
     def __init__(self, m: int, in_features: int, out_channels: int, num_degrees: int):
         super().__init__()
@@ -68,11 +127,11 @@ class SO2MConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, radial: torch.Tensor | None = None) -> torch.Tensor:
         """``x [E, 2, D * C_in]``, optional per-edge weights ``radial [E, 1, D * C_in]``."""
-        y = radial_linear(self.fc, x, radial)  # [E, 2, 2 * D * C_out]
-        y_r, y_i = y.chunk(2, dim=2)  # W_r x, W_i x for x = (x_{+m}, x_{-m})
-        plus = y_r[:, 0] - y_i[:, 1]
-        minus = y_r[:, 1] + y_i[:, 0]
-        return torch.stack((plus, minus), dim=1).view(x.shape[0], -1, self.out_channels)
+        if torch.is_grad_enabled():
+            y = _ComplexLinear.apply(x, radial, self.fc.weight)
+        else:
+            y = complex_linear(x, radial, self.fc.weight)
+        return y.view(x.shape[0], -1, self.out_channels)  # [E, 2 D, C_out]
 
 
 class SO2Convolution(nn.Module):
