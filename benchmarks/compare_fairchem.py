@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -32,6 +33,8 @@ SHAPES = {
 }
 COMMON = dict(sphere_channels=128, attn_hidden_channels=64, num_heads=8, attn_alpha_channels=64, attn_value_channels=16,
               ffn_hidden_channels=128, edge_channels=128, alpha_drop=0.1, drop_path_rate=0.05)
+# Set by --fairchem-keeps-freed-memory, read in the measuring subprocesses.
+FAIRCHEM_KEEPS_FREED_MEMORY = "COMPARE_FAIRCHEM_KEEPS_FREED_MEMORY"
 NAMES = {
     "fairchem": ("equiformer_v2_backbone", "equiformerV2_scalar_head", "equiformerV2_vector_head"),
     "ours": ("fairchem_equiformerv2.EquiformerV2Backbone", "fairchem_equiformerv2.EnergyHead", "fairchem_equiformerv2.ForceHead"),
@@ -143,6 +146,10 @@ def _measure(impl, shape, num_atoms, count, mode, repeats, threads, device, queu
     import torch
 
     torch.set_num_threads(threads)
+    if impl == "fairchem" and os.environ.get(FAIRCHEM_KEEPS_FREED_MEMORY) == "1":
+        from fairchem_equiformerv2.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # what ours does by itself on the CPU
     batch = demo_batch(num_atoms, count, device)
     model = build(impl, shape).to(device)
     model.train(mode == "train")
@@ -285,14 +292,18 @@ def main(argv=None):
                         help="what the sweep times (training at 800 atoms needs more than 24 GB for fairchem's model)")
     parser.add_argument("--plot", default="", help="PNG of step time against system size (with --sweep)")
     parser.add_argument("--json", default="", help="write the results here too")
+    parser.add_argument("--fairchem-keeps-freed-memory", action="store_true",
+                        help="give fairchem's model the glibc malloc setting ours applies on the CPU (cpu_memory.py)")
     args = parser.parse_args(argv)
+    if args.fairchem_keeps_freed_memory:
+        os.environ[FAIRCHEM_KEEPS_FREED_MEMORY] = "1"
 
     results = {"shape": args.shape, "rows": []}
     dev = args.device
     where = torch_device_name(dev) if dev.startswith("cuda") else f"CPU, {args.threads} threads"
     memory = "peak CUDA memory" if dev.startswith("cuda") else "peak RSS"
     print(f"EquiformerV2 {args.shape}: {args.structures} structures of ~{args.atoms} atoms, {where}, median of {args.repeats}; "
-          f"GB = {memory}")
+          f"GB = {memory}" + ("; fairchem keeps freed memory too" if args.fairchem_keeps_freed_memory else ""))
     print(f"{'mode':10s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s} {'ratio':>6s}")
     rate = _in_subprocess(_matmul_rate, args.threads, dev)
     for mode in args.modes.split(","):

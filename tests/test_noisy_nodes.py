@@ -189,16 +189,22 @@ def test_head_needs_the_noisy_nodes_backbone():
 def test_model_applies_the_schedule_to_prediction_and_target(is2re_batch):
     model = build_hydra(decay_steps=4, coefficient_start=15, coefficient_end=1)
     model.train()
+    bb, head = model.backbone, model.output_heads["noisy_nodes"]
     ratios = []
     for step in range(6):
         batch = is2re_batch.clone()
-        model(batch)  # writes the scaled target into batch.noisy_nodes
-        bb = model.backbone
-        # the unscaled target is recoverable: corrupt again with the same (seed, rank, step)
+        torch.manual_seed(step)  # the same random edge-frame roll in both forwards
+        prediction = model(batch)["noisy_nodes"]  # also writes the scaled target into batch
+        # the unscaled prediction and target: the same forward again, with the same (seed, rank, step)
         bb.noisy_nodes_step -= 1
-        _, target, coefficient = bb.corrupt(is2re_batch.clone())
+        torch.manual_seed(step)
+        emb = bb(is2re_batch.clone())
+        target, coefficient = emb["noisy_nodes"]["target"], emb["noisy_nodes"]["coefficient"]
         assert coefficient == pytest.approx(LinearCoefficientSchedule(15, 1, 4)(step))
         torch.testing.assert_close(batch.noisy_nodes, target * coefficient)
+        emb["noisy_nodes"]["coefficient"] = 1.0
+        unscaled = head(is2re_batch.clone(), emb)["noisy_nodes"]
+        torch.testing.assert_close(prediction, unscaled * coefficient)
         ratios.append(coefficient)
     assert ratios == pytest.approx([15, 11.5, 8, 4.5, 1, 1])
     assert int(model.backbone.noisy_nodes_step) == 6
