@@ -4,11 +4,11 @@ A step of the model allocates and frees tensors of tens of MB many times (edge m
 ``[E, (lmax+1)**2, 2C]`` are 39 MB for two 38-atom slabs at lmax 4). glibc serves blocks above its
 mmap threshold (at most 32 MB) with fresh pages from the kernel every time, and returns the top of
 its heap to the kernel whenever more than a trim threshold is free; every fresh 4 KB page then costs
-a page fault on first touch. Measured here (31M shape, 2 cores): 1.5 GB of page faults and ~1.2
-CPU-seconds of kernel time per inference step, 0.5 GB per training step. With mmap for large blocks
-and heap trimming both off, freed memory stays in the process and the next step reuses it: no page
-faults after the first step, peak resident memory unchanged (31M training: 2.34 vs 2.32 GB), but
-memory is not returned to the OS until the process ends.
+a page fault on first touch. Measured here (31M shape, 2 cores): 0.4-0.6 GB of page faults per
+training step, 0.86 GB (~0.7 CPU-seconds of kernel time) per inference step. With mmap for large
+blocks and heap trimming both off, freed memory stays in the process and the next step reuses it:
+no page faults after the first step, 13% off a training step, peak resident memory unchanged (31M
+training: 2.27 vs 2.22 GB), but memory is not returned to the OS until the process ends.
 
 :func:`keep_freed_memory` is applied once, the first time a backbone runs on the CPU (a process-wide
 setting, like the ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` environment variables it
