@@ -200,14 +200,19 @@ def test_grid_activation_gradient_matches_autograd():
 
 
 def test_radial_linear_gradient_matches_autograd():
+    """The m = 0 map with radial weights recomputed in backward (w = h rw^T + rb)."""
     from fairchem_equiformerv2.nn.so2_conv import _RadialLinear
 
-    x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 1, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    rb = torch.randn(6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, bias))
-    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, w, weight, None))
+    expected = torch.nn.functional.linear(x * (h @ rw.T + rb), weight, bias)
+    torch.testing.assert_close(_RadialLinear.apply(x, h, rw, rb, weight, bias), expected)
+    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, h, rw, rb, weight, bias))
+    assert torch.autograd.gradcheck(_RadialLinear.apply, (x, h, rw, rb, weight, None))
 
 
 def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd():
@@ -215,12 +220,16 @@ def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd
     from fairchem_equiformerv2.nn.so2_conv import _ComplexLinear, complex_linear
 
     x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 1, 6, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    rb = torch.randn(6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     w_r, w_i = weight.chunk(2)
-    z = torch.complex(x[:, 0] * w[:, 0], x[:, 1] * w[:, 0])
+    w = h @ rw.T + rb
+    z = torch.complex(x[:, 0] * w, x[:, 1] * w)
     expected = z @ torch.complex(w_r, w_i).T
-    with torch.no_grad():
-        torch.testing.assert_close(complex_linear(x, w, weight), torch.stack((expected.real, expected.imag), dim=1))
-    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, w, weight))
-    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, None, weight))
+    expected = torch.stack((expected.real, expected.imag), dim=1)
+    torch.testing.assert_close(complex_linear(x, w, weight), expected)
+    torch.testing.assert_close(_ComplexLinear.apply(x, h, rw, rb, weight), expected)
+    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, h, rw, rb, weight))
+    assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, None, None, None, weight))

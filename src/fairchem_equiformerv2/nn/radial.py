@@ -45,6 +45,14 @@ class RadialMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # [E, channels[-1]]
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """All layers but the last: ``[E, in]`` -> ``[E, channels[-2]]``."""
+        return self.net[:-1](x)
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.net[-1]
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(channels={self.channels})"
 
