@@ -22,8 +22,9 @@ from .radial import RadialMLP
 
 # Per-edge radial weights enter the maps below as ``(h, rw, rb)``: the radial MLP's last hidden
 # features ``h [E, H]`` and its last layer's rows for one order, ``w = h rw^T + rb  [E, D]``. The maps
-# keep ``h`` (which that layer keeps anyway) and recompute ``w`` in backward instead of keeping it:
-# one small matmul per order buys 19 MB per layer for two 38-atom slabs at lmax 4 (28 MB at lmax 6).
+# keep ``h`` (as that layer would, for its own backward) and recompute ``w`` in backward instead of
+# keeping it: one small matmul per order buys 19 MB per layer for two 38-atom slabs at lmax 4 (28 MB
+# at lmax 6).
 Radial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (h [E, H], rw [D, H], rb [D])
 
 
