@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.utils import scatter
 
 from .nn.norm import make_norm
+from .nn.scatter import gather_pairs
 from .weight_init import init_weights
 
 
@@ -176,7 +177,7 @@ class StressHead(nn.Module, HeadInterface):
         edge_vec = graph.edge_distance_vec
         harmonics = o3.spherical_harmonics(list(range(self.lmax + 1)), edge_vec, normalize=False).detach()
         harmonics = self.sphharm_norm(harmonics[:, :, None]).squeeze(-1)  # [E, F]
-        x_edge = torch.cat((x[source], x[target]), dim=2) if self.use_source_target_embedding else x[target]
+        x_edge = gather_pairs(x, source, target) if self.use_source_target_embedding else x.index_select(0, target)
         features = self.xedge_layer_norm(torch.einsum("efc,ef->ec", x_edge, harmonics))  # [E, C]
 
         sizes = (x.shape[0], len(data.natoms))

@@ -37,7 +37,7 @@ class _GatherPairs(torch.autograd.Function):
     def forward(ctx, x, source, target):
         ctx.save_for_backward(source, target)
         ctx.num_nodes = x.shape[0]
-        return torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=-1)
+        return _pairs(x, source, target)
 
     @staticmethod
     def backward(ctx, grad):
@@ -55,4 +55,8 @@ def gather_pairs(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) ->
     """``cat(x[source], x[target], dim=-1)``: ``x [N, ..., C]``, ``source, target [E]`` -> ``[E, ..., 2C]``."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _GatherPairs.apply(x, source, target)
-    return torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=-1)
+    return _pairs(x, source, target)
+
+
+def _pairs(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=-1)  # [E, ..., 2C]
