@@ -233,3 +233,26 @@ def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd
     torch.testing.assert_close(_ComplexLinear.apply(x, h, rw, rb, weight), expected)
     assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, h, rw, rb, weight))
     assert torch.autograd.gradcheck(_ComplexLinear.apply, (x, None, None, None, weight))
+
+
+@pytest.mark.parametrize("block_bytes", [2**30, 600])  # all edges at once; two edges per block
+def test_rotated_gather_and_sum_match_autograd(monkeypatch, block_bytes):
+    """``gather_pairs``/``scatter_sum`` through the edge rotations, block by block on the CPU, equal the
+    plain gather-concatenate-bmm (and bmm-index_add) with their gradients."""
+    from fairchem_equiformerv2.nn import scatter
+
+    monkeypatch.setattr(scatter, "EDGE_BLOCK_BYTES", block_bytes)
+    num_nodes, num_edges = 4, 11
+    source, target = torch.randint(0, num_nodes, (2, num_edges))
+    x = torch.randn(num_nodes, 9, 2, dtype=torch.float64, requires_grad=True)
+    to_edge = torch.randn(num_edges, 5, 9, dtype=torch.float64)
+    assert len(scatter.edge_blocks(num_edges, 2 * x[0].numel() * 8, x.device)) == (1 if block_bytes > 2**20 else 6)
+    expected = torch.bmm(to_edge, torch.cat((x[source], x[target]), dim=-1))
+    torch.testing.assert_close(scatter.gather_pairs(x, source, target, to_edge), expected)
+    assert torch.autograd.gradcheck(lambda x: scatter.gather_pairs(x, source, target, to_edge), (x,))
+
+    src = torch.randn(num_edges, 5, 3, dtype=torch.float64, requires_grad=True)
+    from_edge = torch.randn(num_edges, 9, 5, dtype=torch.float64)
+    expected = torch.zeros(num_nodes, 9, 3, dtype=torch.float64).index_add(0, target, torch.bmm(from_edge, src))
+    torch.testing.assert_close(scatter.scatter_sum(src, target, num_nodes, from_edge), expected)
+    assert torch.autograd.gradcheck(lambda src: scatter.scatter_sum(src, target, num_nodes, from_edge), (src,))

@@ -121,11 +121,11 @@ class GraphAttention(nn.Module):
         if self.edge_types is not None:
             edge_features = self.edge_types(edge_features, atomic_numbers, edge_index)
 
-        message = gather_pairs(x, source, target)  # [E, F, 2C]
         if self.use_m_share_rad:
             weight = self.rad_func(edge_features).view(-1, self.layout.lmax + 1, 2 * self.sphere_channels)
-            message = message * weight[:, self.degree]
-        message = rotation.rotate(message)  # [E, K, 2C]
+            message = rotation.rotate(gather_pairs(x, source, target) * weight[:, self.degree])
+        else:
+            message = gather_pairs(x, source, target, rotation.to_edge)  # [E, K, 2C]
 
         message, invariants = self.so2_conv_1(message, edge_features)  # [E, K, H], [E, heads*A + gates]
         logits, gates = invariants.split([self.num_heads * self.alpha_channels, self.gate_channels], dim=1)
@@ -138,9 +138,8 @@ class GraphAttention(nn.Module):
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
         value = value.view(value.shape[0], value.shape[1], self.num_heads, self.value_channels) * alpha[:, None, :, None]
-        value = rotation.rotate_back(value.flatten(2))  # [E, F, heads * V]
-
-        return self.proj(scatter_sum(value, target, x.shape[0]))  # [N, F, output_channels]
+        value = scatter_sum(value.flatten(2), target, x.shape[0], rotation.from_edge)  # [N, F, heads * V]
+        return self.proj(value)  # [N, F, output_channels]
 
     def extra_repr(self) -> str:
         return (

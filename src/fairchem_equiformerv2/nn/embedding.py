@@ -71,8 +71,8 @@ class EdgeDegreeEmbedding(nn.Module):
             edge_features = self.edge_types(edge_features, atomic_numbers, edge_index)
         m0 = self.rad_func(edge_features).view(-1, self.lmax + 1, self.sphere_channels)  # [E, lmax+1, C]
         # The m = 0 coefficients are the first lmax + 1 rows of the edge layout.
-        rotated = torch.bmm(rotation.from_edge[:, :, : self.lmax + 1], m0)  # [E, F, C]
-        return scatter_sum(rotated, edge_index[1], atomic_numbers.shape[0]) / self.rescale_factor  # [N, F, C]
+        summed = scatter_sum(m0, edge_index[1], atomic_numbers.shape[0], rotation.from_edge[:, :, : self.lmax + 1])
+        return summed / self.rescale_factor  # [N, F, C]
 
     def extra_repr(self) -> str:
         return f"sphere_channels={self.sphere_channels}, lmax={self.lmax}, rescale_factor={self.rescale_factor}"

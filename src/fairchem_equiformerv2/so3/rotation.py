@@ -3,6 +3,8 @@
 Into the frame: ``x_edge = D(R) x`` restricted to the rows the mmax truncation keeps, in m-major
 order. Out of it: ``x = D(R)^T x_edge`` with each kept coefficient rescaled (see :mod:`.layout`).
 Row selection, reordering and rescaling are folded into the matrices once per forward pass.
+The graph attention applies them together with the gather from and the sum into the atoms
+(:func:`..nn.scatter.gather_pairs`, :func:`..nn.scatter.scatter_sum`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,3 @@ class EdgeRotation:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x [E, (lmax+1)**2, C]`` (l-major) -> ``[E, K, C]`` (m-major, in the edge frame), in ``x``'s dtype."""
         return torch.bmm(self.to_edge.to(x.dtype), x)
-
-    def rotate_back(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [E, K, C]`` (m-major, edge frame) -> ``[E, (lmax+1)**2, C]`` (l-major), in ``x``'s dtype."""
-        return torch.bmm(self.from_edge.to(x.dtype), x)
