@@ -9,8 +9,9 @@ first touch. Measured here (31M shape, 2 cores): 0.4-0.6 GB of page faults per t
 
 :func:`keep_freed_memory` fixes the mmap threshold at glibc's largest, 32 MB, and turns heap trimming
 off: blocks up to 32 MB come from the heap and freed ones are reused by the next step; only larger
-ones still get fresh pages (the edge rotations work in blocks to stay below it: ``nn/scatter.py``). Peak memory stays flat over steps (83M training:
-3.35 GB each step). Turning mmap off altogether would remove those faults too, but fragments the heap:
+ones still get fresh pages (the edge rotations work in blocks to stay below it: ``nn/scatter.py``).
+Peak memory stays flat over steps (83M training: 3.35 GB each step, 3.25 GB with the blocked
+rotations). Turning mmap off altogether would remove those faults too, but fragments the heap:
 the 83M training peak then grew 3.38 -> 3.75 GB over three steps. Freed memory is not returned to
 the OS until the process ends.
 
