@@ -24,7 +24,8 @@ class SO3Linear(nn.Module):
         self.register_buffer("degree", degree_of_coefficients(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight[self.degree]  # [F, out, in]
+        # index_select, not weight[degree]: its backward is an index_add_, not a serial accumulating index_put_
+        weight = self.weight.index_select(0, self.degree)  # [F, out, in]
         out = torch.einsum("nfi,foi->nfo", x, weight)
         bias = torch.nn.functional.pad(self.bias.view(1, 1, -1), (0, 0, 0, x.shape[1] - 1))
         return out + bias  # [N, F, out]
