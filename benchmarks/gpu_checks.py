@@ -1,17 +1,24 @@
 """The GPU measurements of the performance issue that compare_fairchem.py does not make:
 
-* ``autocast``: bf16 autocast against float32 on the same weights (fairchem's initialisation plus 0.1
-  noise) and frames, for both implementations: ``|bf16 - fp32| / |fp32|`` (norms over the batch) and
-  ``max |bf16 - fp32| / max |fp32|``, energy and forces; and our training step time under each;
+* ``autocast``: bf16 autocast, and float32 with TF32 matmuls, against plain float32 on the same weights
+  (fairchem's initialisation plus 0.1 noise) and frames, for both implementations: ``|low - fp32| / |fp32|``
+  (norms over the batch) and ``max |low - fp32| / max |fp32|``, energy and forces; and our training step
+  time under each;
 * ``batch``: the largest batch of the 153M shape (structures of ``--atoms`` atoms) whose training step
   fits in the GPU's memory, without and with activation checkpointing; peak memory is linear in the
   batch, so it is measured at two small batches, extrapolated to the card's memory, and the
   extrapolation checked by running that batch (and, where a step is quick, one 10% larger);
 * ``compile``: ``torch.compile`` of each block; compile time and training step time against eager
-  (float32, and under bf16 autocast);
+  (float32, and under bf16 autocast), and each as throughput against fairchem's float32 eager step
+  timed in the same process;
+* ``throughput``: training throughput (fairchem's step time over ours, same batch) of our model with
+  every equivariant module compiled (the blocks, both heads' blocks, the edge-degree embedding) under
+  bf16 autocast, against fairchem's float32 eager step, at ``--structures`` and at 2x and 4x that batch;
+  and how much of our step the GPU is busy (device time of the kernels over wall time), which says whether the step is
+  bound by the GPU or by the host launching kernels;
 * ``profile``: our training step's device time by operator (torch.profiler), kernel launches per step.
 
-    python benchmarks/gpu_checks.py --device cuda                 # all three
+    python benchmarks/gpu_checks.py --device cuda                 # autocast, batch, compile
     python benchmarks/gpu_checks.py --device cuda --checks batch --json out.json
 """
 from __future__ import annotations
@@ -36,27 +43,42 @@ def relative_difference(a: dict, b: dict) -> dict:
     return out
 
 
+class tf32_matmuls:
+    """Float32 matmuls on the tensor cores' TF32 path inside the ``with`` block (``torch.backends``'s
+    global switch, restored on exit)."""
+
+    def __enter__(self):
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
 def check_autocast(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
     batch = demo_batch(atoms, structures, device)
     ours, theirs = build("ours", shape).to(device), build("fairchem", shape).to(device)
     torch.manual_seed(1)
     perturb(theirs, 0.1)
     same_weights(theirs, ours)
+    precisions = {"bf16": lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16), "tf32": tf32_matmuls}
     result = {}
     for name, model in (("ours", ours), ("fairchem", theirs)):
         model.eval()
         with torch.no_grad():
             reference = model(batch)
-            try:
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                    low = model(batch)
-                result[f"{name}_bf16_vs_fp32"] = relative_difference(reference, low)
-            except RuntimeError as error:  # fairchem's model may not run under autocast
-                result[f"{name}_bf16_vs_fp32"] = f"failed: {str(error).splitlines()[0]}"
+            for precision, context in precisions.items():
+                try:
+                    with context():
+                        low = model(batch)
+                    result[f"{name}_{precision}_vs_fp32"] = relative_difference(reference, low)
+                except RuntimeError as error:  # fairchem's model may not run under autocast
+                    result[f"{name}_{precision}_vs_fp32"] = f"failed: {str(error).splitlines()[0]}"
     ours.train()
     result["ours_train_fp32_s"] = timed_steps(ours, batch, "train", device, repeats)
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-        result["ours_train_bf16_s"] = timed_steps(ours, batch, "train", device, repeats)
+    for precision, context in precisions.items():
+        with context():
+            result[f"ours_train_{precision}_s"] = timed_steps(ours, batch, "train", device, repeats)
     return result
 
 
@@ -117,6 +139,10 @@ def check_largest_batch(atoms: int, device: str, implementations=("ours",), budg
 
 def check_compile(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
     batch = demo_batch(atoms, structures, device)
+    theirs = build("fairchem", shape).to(device).train()
+    fairchem_s = timed_steps(theirs, batch, "train", device, repeats)
+    del theirs
+    torch.cuda.empty_cache()
     model = build("ours", shape).to(device).train()
     eager = timed_steps(model, batch, "train", device, repeats)
     for i, block in enumerate(model.backbone.blocks):
@@ -129,8 +155,77 @@ def check_compile(shape: str, atoms: int, structures: int, device: str, repeats:
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
         step(model, batch, "train")  # recompiles for bf16
         compiled_bf16 = timed_steps(model, batch, "train", device, repeats)
-    return {"eager_train_s": eager, "compiled_train_s": compiled, "first_step_with_compile_s": compile_s,
-            "compiled_bf16_autocast_train_s": compiled_bf16}
+    times = {"eager_train_s": eager, "compiled_train_s": compiled, "compiled_bf16_autocast_train_s": compiled_bf16}
+    return {"fairchem_fp32_eager_train_s": fairchem_s, **times, "first_step_with_compile_s": compile_s,
+            "throughput_vs_fairchem_fp32": {k.removesuffix("_train_s"): fairchem_s / v for k, v in times.items()}}
+
+
+def compile_equivariant_modules(model) -> None:
+    """``torch.compile`` (dynamic shapes) of each block, the heads' attention and feed-forward blocks,
+    and the edge-degree embedding: everything but the graph construction and the Wigner matrices."""
+    backbone = model.backbone
+    for i, block in enumerate(backbone.blocks):
+        backbone.blocks[i] = torch.compile(block, dynamic=True)
+    backbone.edge_degree_embedding = torch.compile(backbone.edge_degree_embedding, dynamic=True)
+    for head in model.output_heads.values():
+        for name in ("force_block", "energy_block"):
+            if hasattr(head, name):
+                setattr(head, name, torch.compile(getattr(head, name), dynamic=True))
+
+
+def busy_fraction(model, batch, device: str, steps: int = 3) -> float:
+    """Device time of all kernels over wall time, for ``steps`` training steps (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(model, batch, "train")
+        synchronize(device)
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sum(e.self_device_time_total for e in kernels) / 1e6 / wall
+
+
+class _Printed(dict):
+    """A dict that prints each item as it is set (a long check's partial results survive a timeout)."""
+
+    def __setitem__(self, key, value):
+        print(f"  {key}: {value}", flush=True)
+        super().__setitem__(key, value)
+
+
+def check_throughput(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
+    sizes = (structures, 2 * structures, 4 * structures)
+    batches = {n: demo_batch(atoms, n, device) for n in sizes}
+    result = _Printed(atoms={n: int(b.natoms.sum()) for n, b in batches.items()})
+    theirs = build("fairchem", shape).to(device).train()
+    for n, batch in batches.items():
+        try:
+            result[f"fairchem_fp32_eager_{n}_s"] = timed_steps(theirs, batch, "train", device, repeats)
+        except torch.cuda.OutOfMemoryError:
+            result[f"fairchem_fp32_eager_{n}_s"] = None
+        torch.cuda.empty_cache()
+    del theirs
+    torch.cuda.empty_cache()
+    ours = build("ours", shape).to(device).train()
+    result["ours_fp32_eager_s"] = timed_steps(ours, batches[structures], "train", device, repeats)
+    result["ours_fp32_eager_busy"] = busy_fraction(ours, batches[structures], device)
+    compile_equivariant_modules(ours)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        start = time.perf_counter()
+        step(ours, batches[structures], "train")
+        synchronize(device)
+        result["first_step_with_compile_s"] = time.perf_counter() - start
+        for n, batch in batches.items():
+            result[f"ours_bf16_compiled_{n}_s"] = timed_steps(ours, batch, "train", device, repeats)
+            result[f"ours_bf16_compiled_{n}_busy"] = busy_fraction(ours, batch, device)
+    result["throughput_vs_fairchem_fp32"] = {
+        n: result[f"fairchem_fp32_eager_{n}_s"] / result[f"ours_bf16_compiled_{n}_s"]
+        for n in sizes if result[f"fairchem_fp32_eager_{n}_s"]
+    }
+    return result
 
 
 def check_profile(shape: str, atoms: int, structures: int, device: str, top: int = 15) -> dict:
@@ -175,10 +270,12 @@ def main(argv=None) -> None:
                 out = check_largest_batch(args.atoms, args.device, ("ours", "fairchem") if args.batch_fairchem else ("ours",))
             elif check == "profile":
                 out = check_profile(args.shape, args.atoms, args.structures, args.device)
+            elif check == "throughput":
+                out = check_throughput(args.shape, args.atoms, args.structures, args.device, args.repeats)
             elif check == "compile":
                 out = check_compile(args.shape, args.atoms, args.structures, args.device, args.repeats)
             else:
-                raise SystemExit(f"--checks: unknown check {check!r} (autocast, batch, compile, profile)")
+                raise SystemExit(f"--checks: unknown check {check!r} (autocast, batch, compile, throughput, profile)")
         except Exception as error:  # one check failing must not lose the others' numbers
             out = {"error": f"{type(error).__name__}: {error}"[:2000]}
         out["seconds"] = time.perf_counter() - start
