@@ -4,8 +4,9 @@ structure batch -> graph (fairchem's on-the-fly radius graph, PBC) -> edge frame
 -> atom embedding + edge-degree embedding -> ``num_layers`` blocks -> final norm -> node features.
 
 The constructor takes every argument of fairchem's ``equiformer_v2_backbone`` with the same meaning
-and default, so a fairchem config runs by changing only the class name; one more, ``edge_roll``,
-chooses how edge frames are rolled (see :mod:`.so3.frames`).
+and default, so a fairchem config runs by changing only the class name. Two more: ``edge_roll``
+chooses how edge frames are rolled (see :mod:`.so3.frames`), and ``torch_compile`` compiles the
+equivariant modules (fairchem 1.x's trainers have no compile switch of their own).
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         load_energy_lin_ref: bool | None = False,
         activation_checkpoint: bool | None = False,
         edge_roll: str = "random_when_training",
+        torch_compile: bool | dict | None = False,
     ):
         super().__init__()
         lmax_list = [6] if lmax_list is None else list(lmax_list)
@@ -140,6 +142,11 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "share_atom_edge_embedding=True needs use_atom_edge_embedding=True",
         )
         _check(edge_roll in EDGE_ROLLS, f"edge_roll={edge_roll!r}: must be one of {EDGE_ROLLS}")
+        _check(
+            torch_compile is None or isinstance(torch_compile, (bool, dict)),
+            f"torch_compile={torch_compile!r}: must be true, false or a mapping of torch.compile arguments "
+            "(e.g. {mode: max-autotune-no-cudagraphs})",
+        )
         _check(max_num_elements >= 1, f"max_num_elements={max_num_elements}: must be positive")
         _check(norm_type in NORM_TYPES, f"norm_type={norm_type!r}: must be one of {NORM_TYPES}")
         if num_distance_basis != 512:
@@ -172,6 +179,12 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.use_energy_lin_ref, self.load_energy_lin_ref = use_energy_lin_ref, load_energy_lin_ref
         self.activation_checkpoint = bool(activation_checkpoint)
         self.edge_roll = edge_roll
+        # torch.compile arguments for the equivariant modules (heads' blocks too); None: eager
+        self.compile_options = None
+        if isinstance(torch_compile, dict):
+            self.compile_options = {"dynamic": True, **torch_compile}
+        elif torch_compile:
+            self.compile_options = {"dynamic": True}
         self.layout = EdgeLayout(lmax, mmax)
 
         self.atom_embedding = AtomEmbedding(max_num_elements, sphere_channels, lmax)
@@ -203,6 +216,20 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             self.energy_lin_ref = nn.Parameter(torch.zeros(max_num_elements), requires_grad=False)
 
         self.apply(lambda module: init_weights(module, weight_init))
+        for module in (self.edge_degree_embedding, *self.blocks):
+            self.compiled(module)
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``module``, compiled in place (``nn.Module.compile``: its parameter names stay as they are)
+        when the backbone has ``torch_compile``. The graph construction, edge frames and Wigner matrices
+        stay eager."""
+        if self.compile_options is not None:
+            # fairchem's trainers wrap the model in DDP, whose graph splitter in torch.compile refuses the
+            # autograd Functions of nn/ (higher-order ops in the graph). Off, DDP still overlaps its
+            # gradient exchange with the backward graph by graph, i.e. block by block.
+            torch._dynamo.config.optimize_ddp = False
+            module.compile(**self.compile_options)
+        return module
 
     # Builders the heads use too, so that a head's attention or FFN matches the backbone's.
     def make_attention(self, output_channels: int, alpha_drop: float = 0.0) -> GraphAttention:
@@ -336,4 +363,5 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             f"num_layers={self.num_layers}, sphere_channels={self.sphere_channels}, lmax={self.lmax}, "
             f"mmax={self.mmax}, num_heads={self.num_heads}, norm_type={self.norm_type!r}, "
             f"max_radius={self.max_radius}, max_neighbors={self.max_neighbors}, edge_roll={self.edge_roll!r}"
+            + (f", torch_compile={self.compile_options}" if self.compile_options is not None else "")
         )

@@ -45,7 +45,7 @@ class EnergyHead(nn.Module, HeadInterface):
             raise ValueError(f"EnergyHead reduce={reduce!r}: must be 'sum' or 'mean'")
         self.output_name, self.reduce = output_name, reduce
         self.avg_num_nodes = backbone.avg_num_nodes
-        self.energy_block = backbone.make_feed_forward(1)
+        self.energy_block = backbone.compiled(backbone.make_feed_forward(1))
         self.apply(lambda m: init_weights(m, backbone.weight_init))
 
     def forward(self, data, emb: dict) -> dict:
@@ -70,7 +70,7 @@ class ForceHead(nn.Module, HeadInterface):
         super().__init__()
         self.output_name = output_name
         self.activation_checkpoint = backbone.activation_checkpoint
-        self.force_block = backbone.make_attention(1, alpha_drop=0.0)
+        self.force_block = backbone.compiled(backbone.make_attention(1, alpha_drop=0.0))
         self.apply(lambda m: init_weights(m, backbone.weight_init))
 
     def forward(self, data, emb: dict) -> dict:

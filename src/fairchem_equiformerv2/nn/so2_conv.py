@@ -194,6 +194,7 @@ class SO2Convolution(nn.Module):
             for m, size in enumerate(layout.m_sizes)
             if m > 0
         )
+        self.order_lengths = list(layout.order_lengths)  # a plain list: torch.compile reads it as constants
         self.radial_sizes = [self.fc_m0.in_features] + [c.fc.in_features for c in self.so2_m_conv]
         self.rad_func = RadialMLP([*radial_channels, sum(self.radial_sizes)]) if radial_channels else None
 
@@ -206,7 +207,7 @@ class SO2Convolution(nn.Module):
 
         # split, not narrow: its backward concatenates the blocks' gradients instead of zero-filling
         # a full-size gradient per block
-        x_0, *x_m = x.split(self.layout.order_lengths, dim=1)
+        x_0, *x_m = x.split(self.order_lengths, dim=1)
         y_0 = radial_linear(self.fc_m0, x_0.reshape(num_edges, -1), radial[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], dim=1)
         out = [y_0.view(num_edges, -1, self.out_channels)]
