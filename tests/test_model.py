@@ -160,6 +160,8 @@ def test_torch_compile_option_matches_eager():
     assert "torch_compile={'dynamic': False, 'backend': 'aot_eager'}" in repr(compiled.backbone)
     with pytest.raises(ConfigError, match="torch_compile"):
         hydra(torch_compile="yes")
+    with pytest.raises(ConfigError, match="torch_compile with activation_checkpoint"):
+        hydra(torch_compile=True, activation_checkpoint=True)
 
 
 def test_repr_shows_hyperparameters():

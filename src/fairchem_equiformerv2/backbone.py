@@ -147,6 +147,11 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             f"torch_compile={torch_compile!r}: must be true, false or a mapping of torch.compile arguments "
             "(e.g. {mode: max-autotune-no-cudagraphs})",
         )
+        _check(
+            not (torch_compile and activation_checkpoint),
+            "torch_compile with activation_checkpoint=True: torch 2.4 cannot compile a block inside "
+            "torch.utils.checkpoint (AOTAutograd refuses to trace it); choose one",
+        )
         _check(max_num_elements >= 1, f"max_num_elements={max_num_elements}: must be positive")
         _check(norm_type in NORM_TYPES, f"norm_type={norm_type!r}: must be one of {NORM_TYPES}")
         if num_distance_basis != 512:
