@@ -161,7 +161,8 @@ def check_compile(shape: str, atoms: int, structures: int, device: str, repeats:
 
 
 def busy_fraction(model, batch, device: str, steps: int = 3) -> float:
-    """Device time of all kernels over wall time, for ``steps`` training steps (profiled)."""
+    """Device time of all kernels over wall time, for ``steps`` training steps. Both are read under the
+    profiler, whose own host work lengthens the wall time: a lower bound of the unprofiled fraction."""
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
