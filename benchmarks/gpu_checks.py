@@ -160,6 +160,11 @@ def check_compile(shape: str, atoms: int, structures: int, device: str, repeats:
             "throughput_vs_fairchem_fp32": {k.removesuffix("_train_s"): fairchem_s / v for k, v in times.items()}}
 
 
+def kernel_events(prof) -> list:
+    """The GPU kernels among a profile's averaged events (operators repeat their kernels' time)."""
+    return [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+
+
 def busy_fraction(model, batch, device: str, steps: int = 3) -> float:
     """Device time of all kernels over wall time, for ``steps`` training steps. Both are read under the
     profiler, whose own host work lengthens the wall time: a lower bound of the unprofiled fraction."""
@@ -172,8 +177,7 @@ def busy_fraction(model, batch, device: str, steps: int = 3) -> float:
             step(model, batch, "train")
         synchronize(device)
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    return sum(e.self_device_time_total for e in kernels) / 1e6 / wall
+    return sum(e.self_device_time_total for e in kernel_events(prof)) / 1e6 / wall
 
 
 class _Printed(dict):
@@ -229,7 +233,7 @@ def check_profile(shape: str, atoms: int, structures: int, device: str, top: int
             step(model, batch, "train")
         synchronize(device)
     events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    kernels = [e for e in events if e.device_type.name == "CUDA"]  # operators repeat their kernels' time
+    kernels = kernel_events(prof)
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=top), flush=True)
     return {"device_ms_per_step": sum(e.self_device_time_total for e in kernels) / 3e3,
             "kernel_launches_per_step": sum(e.count for e in kernels) / 3,

@@ -190,6 +190,11 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             self.compile_options = {"dynamic": True, **torch_compile}
         elif torch_compile:
             self.compile_options = {"dynamic": True}
+        if self.compile_options is not None:
+            # fairchem's trainers wrap the model in DDP, whose graph splitter in torch.compile refuses the
+            # autograd Functions of nn/ (higher-order ops in the graph). Off, DDP still overlaps its
+            # gradient exchange with the backward graph by graph, i.e. block by block. Process-wide.
+            torch._dynamo.config.optimize_ddp = False
         self.layout = EdgeLayout(lmax, mmax)
 
         self.atom_embedding = AtomEmbedding(max_num_elements, sphere_channels, lmax)
@@ -229,10 +234,6 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         when the backbone has ``torch_compile``. The graph construction, edge frames and Wigner matrices
         stay eager."""
         if self.compile_options is not None:
-            # fairchem's trainers wrap the model in DDP, whose graph splitter in torch.compile refuses the
-            # autograd Functions of nn/ (higher-order ops in the graph). Off, DDP still overlaps its
-            # gradient exchange with the backward graph by graph, i.e. block by block.
-            torch._dynamo.config.optimize_ddp = False
             module.compile(**self.compile_options)
         return module
 

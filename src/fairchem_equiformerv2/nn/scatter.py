@@ -72,28 +72,47 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> t
         return torch.bmm(a.to(b.dtype), b, out=out)
 
 
-def _pairs(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.cat((x.index_select(0, source), x.index_select(0, target)), dim=-1)  # [E, ..., 2C]
+def _gather(x: torch.Tensor, *indices: torch.Tensor) -> torch.Tensor:
+    """``cat(x[i] for i in indices, -1)``: ``x [N, ..., C]``, each index ``[E]`` -> ``[E, ..., len(indices) C]``."""
+    if len(indices) == 1:
+        return x.index_select(0, indices[0])
+    return torch.cat([x.index_select(0, i) for i in indices], dim=-1)
+
+
+def _rotated_gather(rotation: torch.Tensor, x: torch.Tensor, *indices: torch.Tensor) -> torch.Tensor:
+    """``rotation[e] @ _gather(x, *indices)[e]``, block by block of edges on the CPU: ``rotation [E, K, F]``,
+    ``x [N, F, C]`` -> ``[E, K, len(indices) C]``."""
+    num_edges, width = indices[0].shape[0], len(indices) * x.shape[-1]
+    blocks = edge_blocks(num_edges, len(indices) * x[0].numel() * x.element_size(), x.device)
+    if len(blocks) == 1:  # no out=: autograd and the compiler refuse it
+        return _bmm(rotation, _gather(x, *indices))
+    out = x.new_empty(num_edges, rotation.shape[1], width)
+    for rows in blocks:
+        _bmm(rotation[rows], _gather(x, *(i[rows] for i in indices)), out=out[rows])
+    return out
 
 
 def _gather_pairs(x, source, target, rotation):
     if rotation is None:
-        return _pairs(x, source, target)
-    blocks = edge_blocks(source.shape[0], 2 * x[0].numel() * x.element_size(), x.device)
-    if len(blocks) == 1:
-        return _bmm(rotation, _pairs(x, source, target))
-    out = x.new_empty(source.shape[0], rotation.shape[1], 2 * x.shape[-1])
-    for rows in blocks:
-        _bmm(rotation[rows], _pairs(x, source[rows], target[rows]), out=out[rows])
-    return out  # [E, K, 2C]
+        return _gather(x, source, target)  # [E, F, 2C]
+    return _rotated_gather(rotation, x, source, target)  # [E, K, 2C]
+
+
+def _rotated_scatter_(outs: tuple, rotation: torch.Tensor, src: torch.Tensor, indices: tuple) -> None:
+    """``outs[j][indices[j][e]] += rotation[e] @ src[e]`` for each ``j``, block by block of edges on the
+    CPU: ``rotation [E, F, K]``, ``src [E, K, C]``, each of ``outs`` ``[N, F, C]``."""
+    row_bytes = rotation.shape[1] * src.shape[-1] * src.element_size()
+    for rows in edge_blocks(src.shape[0], row_bytes, src.device):
+        rotated = _bmm(rotation[rows], src[rows])
+        for out, index in zip(outs, indices):
+            out.index_add_(0, index[rows], rotated)
 
 
 def _scatter_sum(src, index, size, rotation):
     if rotation is None:
         return src.new_zeros(size, *src.shape[1:]).index_add_(0, index, src)
     out = src.new_zeros(size, rotation.shape[1], src.shape[-1])
-    for rows in edge_blocks(src.shape[0], rotation.shape[1] * src.shape[-1] * src.element_size(), src.device):
-        out.index_add_(0, index[rows], _bmm(rotation[rows], src[rows]))
+    _rotated_scatter_((out,), rotation, src, (index,))
     return out  # [size, F, C]
 
 
@@ -109,20 +128,13 @@ class _GatherPairs(torch.autograd.Function):
         source, target, rotation = ctx.saved_tensors
         grad, channels = grad.contiguous(), grad.shape[-1] // 2
         pair_shape = grad.shape[1:] if rotation is None else (rotation.shape[2], grad.shape[2])
-        sums = grad.new_zeros(2, ctx.num_nodes, *pair_shape)  # by source, by target
+        sums = grad.new_zeros(2, ctx.num_nodes, *pair_shape)  # by source, by target: [2, N, F, 2C]
         if rotation is None:
-            _add_pairs_(sums, grad, source, target)
+            sums[0].index_add_(0, source, grad)
+            sums[1].index_add_(0, target, grad)
         else:
-            rotation_t = rotation.transpose(1, 2)
-            for rows in edge_blocks(grad.shape[0], sums[0, 0].numel() * grad.element_size(), grad.device):
-                _add_pairs_(sums, _bmm(rotation_t[rows], grad[rows]), source[rows], target[rows])
+            _rotated_scatter_((sums[0], sums[1]), rotation.transpose(1, 2), grad, (source, target))
         return sums[0, ..., :channels] + sums[1, ..., channels:], None, None, None
-
-
-def _add_pairs_(sums: torch.Tensor, grad: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> None:
-    """Adds the pairs' gradient ``grad [E, F, 2C]`` into ``sums [2, N, F, 2C]`` by source and by target."""
-    sums[0].index_add_(0, source, grad)
-    sums[1].index_add_(0, target, grad)
 
 
 class _ScatterSum(torch.autograd.Function):
@@ -136,11 +148,4 @@ class _ScatterSum(torch.autograd.Function):
         index, rotation = ctx.saved_tensors
         if rotation is None:
             return grad.index_select(0, index), None, None, None
-        rotation_t = rotation.transpose(1, 2)
-        blocks = edge_blocks(index.shape[0], grad[0].numel() * grad.element_size(), grad.device)
-        if len(blocks) == 1:
-            return _bmm(rotation_t, grad.index_select(0, index)), None, None, None
-        grad_src = grad.new_empty(index.shape[0], rotation.shape[2], grad.shape[-1])
-        for rows in blocks:
-            _bmm(rotation_t[rows], grad.index_select(0, index[rows]), out=grad_src[rows])
-        return grad_src, None, None, None  # [E, K, C]
+        return _rotated_gather(rotation.transpose(1, 2), grad, index), None, None, None  # [E, K, C]
