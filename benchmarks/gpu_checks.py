@@ -1,6 +1,7 @@
 """The GPU measurements of the performance issue that compare_fairchem.py does not make:
 
-* ``autocast``: bf16 autocast, and float32 with TF32 matmuls, against plain float32 on the same weights
+* ``autocast``: bf16 autocast (with cuBLAS's default bf16 reductions in split-K matmuls, and without),
+  and float32 with TF32 matmuls, against plain float32 on the same weights
   (fairchem's initialisation plus 0.1 noise) and frames, for both implementations: ``|low - fp32| / |fp32|``
   (norms over the batch) and ``max |low - fp32| / max |fp32|``, energy and forces; and our training step
   time under each;
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -43,16 +45,27 @@ def relative_difference(a: dict, b: dict) -> dict:
     return out
 
 
-class tf32_matmuls:
-    """Float32 matmuls on the tensor cores' TF32 path inside the ``with`` block (``torch.backends``'s
-    global switch, restored on exit)."""
+class matmul_setting:
+    """``torch.backends.cuda.matmul.<name> = value`` inside the ``with`` block (a global switch, restored
+    on exit)."""
+
+    def __init__(self, name: str, value: bool):
+        self.name, self.value = name, value
 
     def __enter__(self):
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        self.before = getattr(torch.backends.cuda.matmul, self.name)
+        setattr(torch.backends.cuda.matmul, self.name, self.value)
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.before
+        setattr(torch.backends.cuda.matmul, self.name, self.before)
+
+
+def bf16_full_reductions(device: str) -> contextlib.ExitStack:
+    """bf16 autocast with cuBLAS's reduced-precision (bf16) reductions of split-K matmuls turned off."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
+    stack.enter_context(matmul_setting("allow_bf16_reduced_precision_reduction", False))
+    return stack
 
 
 def check_autocast(shape: str, atoms: int, structures: int, device: str, repeats: int) -> dict:
@@ -61,7 +74,12 @@ def check_autocast(shape: str, atoms: int, structures: int, device: str, repeats
     torch.manual_seed(1)
     perturb(theirs, 0.1)
     same_weights(theirs, ours)
-    precisions = {"bf16": lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16), "tf32": tf32_matmuls}
+    device_type = device.split(":")[0]
+    precisions = {
+        "bf16": lambda: torch.autocast(device_type, dtype=torch.bfloat16),
+        "bf16_full_reductions": lambda: bf16_full_reductions(device_type),
+        "tf32": lambda: matmul_setting("allow_tf32", True),
+    }
     result = {}
     for name, model in (("ours", ours), ("fairchem", theirs)):
         model.eval()

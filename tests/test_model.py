@@ -116,6 +116,42 @@ def test_bf16_autocast_keeps_geometry_and_sums_in_float32():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
+def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
+    """Under autocast the feed-forward network (work per atom), the radial MLP and the per-edge radial
+    weights compute in float32 as without autocast, and sums into atoms accumulate in float32, forward and
+    backward, while the rotations themselves run as bf16 matmuls."""
+    from fairchem_equiformerv2.nn.feed_forward import FeedForward
+    from fairchem_equiformerv2.nn.radial import RadialMLP
+    from fairchem_equiformerv2.nn.scatter import gather_pairs, scatter_sum
+    from fairchem_equiformerv2.nn.so2_conv import radial_weights
+
+    mlp = RadialMLP([6, 5, 5, 7])
+    features = torch.randn(11, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, full = mlp.hidden(features), mlp(features)
+        w = radial_weights(h, mlp.last.weight, mlp.last.bias)
+    assert h.dtype == w.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(full, mlp(features), rtol=0, atol=0)  # as in float32, not a bf16 result cast up
+    torch.testing.assert_close(w, full)
+    ffn, nodes = FeedForward(8, 8, 8, lmax=2), torch.randn(5, 9, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ffn(nodes)
+    torch.testing.assert_close(out, ffn(nodes), rtol=0, atol=0)
+
+    num_nodes, num_edges = 4, 11
+    source, target = torch.randint(0, num_nodes, (2, num_edges))
+    x = torch.randn(num_nodes, 9, 2, requires_grad=True)
+    to_edge, from_edge = torch.randn(num_edges, 5, 9), torch.randn(num_edges, 9, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = gather_pairs(x, source, target, to_edge)
+        summed = scatter_sum(pairs, target, num_nodes, from_edge)
+    assert pairs.dtype == torch.bfloat16 and summed.dtype == torch.float32
+    rotated = torch.bmm(from_edge.bfloat16(), pairs).float()  # each edge's rotation in bf16, summed in float32
+    torch.testing.assert_close(summed, torch.zeros(num_nodes, 9, 4).index_add(0, target, rotated))
+    summed.sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
 def test_block_compiles_without_graph_breaks():
     """``torch.compile`` sees one graph per block (the blocked grid loop is eager-only)."""
     batch = to_batch(default_structures())

@@ -23,6 +23,7 @@ from .nn.block import EquiformerV2Block
 from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
 from .nn.feed_forward import FeedForward
 from .nn.norm import NORM_TYPES, make_norm
+from .nn.precision import autocast_off
 from .nn.radial import EdgeTypeEmbedding, GaussianBasis
 from .so3.frames import edge_frames
 from .so3.layout import EdgeLayout
@@ -339,7 +340,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             keep_freed_memory()  # no page faults on every step's fresh tensors (see cpu_memory.py)
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.
-        with torch.autocast(data.pos.device.type, enabled=False):
+        with autocast_off(data.pos):
             graph = self._build_graph(data)
             frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
             rotation = EdgeRotation.from_frames(frames, self.layout)

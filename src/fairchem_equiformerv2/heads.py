@@ -21,13 +21,9 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.utils import scatter
 
 from .nn.norm import make_norm
+from .nn.precision import at_least_float32
 from .nn.scatter import gather_pairs
 from .weight_init import init_weights
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is in a lower precision (bf16 under autocast), else as it is."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..so3.grid import S2Grid
+from .precision import autocast_off
 
 
 class SmoothLeakyReLU(nn.Module):
@@ -49,19 +50,15 @@ def grid_block_rows(x: torch.Tensor, grid_points: int) -> int:
     return max(GRID_BLOCK_ROWS, GRID_BLOCK_BYTES_GPU // (grid_points * x.shape[-1] * x.element_size()))
 
 
-def _in_dtype_of(x: torch.Tensor):
-    """Autocast off: the grid functions compute in ``x``'s dtype (bf16 when autocast made ``x`` bf16)
-    and write into preallocated tensors, which autocast does not handle."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 def grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
     """``from_grid @ SiLU(to_grid @ x)``: ``x [N, K, C]`` -> ``[N, K', C]``, block by block over ``N``,
     in ``x``'s dtype.
 
     No autograd (see :class:`_GridSiLU`).
     """
-    with _in_dtype_of(x):
+    # autocast off: in x's dtype (bf16 when autocast made x bf16), into preallocated tensors, which
+    # autocast does not handle
+    with autocast_off(x):
         to_grid, from_grid = to_grid.to(x.dtype), from_grid.to(x.dtype)
         if torch.compiler.is_compiling():  # the compiler fuses and plans memory itself
             return from_grid @ nn.functional.silu(to_grid @ x)
@@ -86,7 +83,7 @@ def grid_silu_backward(
     grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
 ) -> torch.Tensor:
     """The gradient of :func:`grid_silu` with respect to ``x``: ``[N, K, C]``, block by block."""
-    with _in_dtype_of(x):
+    with autocast_off(x):
         grad_out, to_grid, from_grid = grad_out.to(x.dtype), to_grid.to(x.dtype), from_grid.to(x.dtype)
         if torch.compiler.is_compiling():
             return _grid_silu_backward_rows(grad_out, x, to_grid, from_grid)

@@ -21,6 +21,7 @@ from ..so3.layout import EdgeLayout, degree_of_coefficients
 from ..so3.rotation import EdgeRotation
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
 from .linear import SO3Linear
+from .precision import autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
 from .scatter import gather_pairs, scatter_sum
 from .so2_conv import SO2Convolution
@@ -139,7 +140,8 @@ class GraphAttention(nn.Module):
             alpha = self.alpha_dropout(alpha)
         value = value.view(value.shape[0], value.shape[1], self.num_heads, self.value_channels) * alpha[:, None, :, None]
         value = scatter_sum(value.flatten(2), target, x.shape[0], rotation.from_edge)  # [N, F, heads * V]
-        return self.proj(value)  # [N, F, output_channels]
+        with autocast_off(value):  # node-level work in float32 (see precision.py)
+            return self.proj(value)  # [N, F, output_channels]
 
     def extra_repr(self) -> str:
         return (

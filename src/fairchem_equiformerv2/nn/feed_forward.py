@@ -18,6 +18,7 @@ from ..so3.grid import S2Grid
 from ..so3.layout import degree_of_coefficients, num_coefficients
 from .activation import GateActivation, S2Activation, SeparableS2Activation
 from .linear import SO3Linear
+from .precision import autocast_off
 
 FFN_ACTIVATIONS = ("separable_s2", "s2", "gate", "grid_mlp", "separable_grid_mlp")
 
@@ -69,6 +70,10 @@ class FeedForward(nn.Module):
         self.so3_linear_2 = SO3Linear(hidden_channels, output_channels, lmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast_off(x):  # node-level work in x's dtype, float32 for the residual stream (see precision.py)
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         scalars = x[:, 0]  # [N, C]
         h = self.so3_linear_1(x)  # [N, F, hidden]
         if self.activation in ("grid_mlp", "separable_grid_mlp"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..so3.layout import degree_of_coefficients
+from .precision import autocast_off
 
 NORM_TYPES = ("layer_norm", "layer_norm_sh", "rms_norm_sh")
 
@@ -38,7 +39,7 @@ class _EquivariantNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, (lmax+1)**2, C]`` -> ``[N, (lmax+1)**2, C]``."""
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             return self.normalize(x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

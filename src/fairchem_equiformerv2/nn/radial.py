@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .precision import autocast_off
+
 
 class GaussianBasis(nn.Module):
     """``exp(-(d - mu_k)^2 / (2 (width * spacing)^2))`` for ``num_basis`` centres ``mu_k`` evenly
@@ -30,7 +32,12 @@ class GaussianBasis(nn.Module):
 
 class RadialMLP(nn.Module):
     """MLP over invariant edge features: ``channels = [in, hidden..., out]``; each hidden layer is
-    Linear -> LayerNorm -> SiLU. Shapes: ``[E, in]`` -> ``[E, out]``."""
+    Linear -> LayerNorm -> SiLU. Shapes: ``[E, in]`` -> ``[E, out]``.
+
+    Autocast off: it computes in its input's dtype (float32 edge features under autocast): its
+    outputs scale every message, and its bf16 weights would cost much of bf16's accuracy for a small
+    part of the work (see ``precision.py``).
+    """
 
     def __init__(self, channels: list[int]):
         super().__init__()
@@ -43,11 +50,13 @@ class RadialMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # [E, channels[-1]]
+        with autocast_off(x):
+            return self.net(x)  # [E, channels[-1]]
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """All layers but the last: ``[E, in]`` -> ``[E, channels[-2]]``."""
-        return self.net[:-1](x)
+        with autocast_off(x):
+            return self.net[:-1](x)
 
     @property
     def last(self) -> nn.Linear:

@@ -6,6 +6,9 @@
 * :func:`scatter_sum` sums edge messages into their target atoms, with ``rotation`` first turning each
   one out of the edge frame: ``out[i] = sum of rotation[e] @ src[e] over e with index[e] == i``.
 
+Sums (and the gather's backward, a sum) accumulate in float32 at least, also under autocast, where
+the rotations run as bf16 ``bmm``s: a GPU's bf16 ``index_add_`` rounds after every term.
+
 Both keep only the indices (and the rotations, kept anyway) for backward. The backward of the
 gather sums the whole (contiguous) gradient into the atoms twice, by source and by target, and keeps
 the half each wants: on the CPU, ``index_add_`` of a strided source (each half of the gradient of a
@@ -21,6 +24,8 @@ layer: measured 1.4 GB of page faults per 83M inference step before. Elsewhere (
 from __future__ import annotations
 
 import torch
+
+from .precision import accumulation_dtype, autocast_off, matmul_dtype
 
 EDGE_BLOCK_BYTES = 4 * 2**20
 
@@ -39,8 +44,6 @@ def gather_pairs(
 ) -> torch.Tensor:
     """``x [N, F, C]``, ``source, target [E]`` -> ``cat(x[source], x[target], -1)  [E, F, 2C]``; with
     ``rotation [E, K, F]``, times it per edge -> ``[E, K, 2C]`` (in autocast's dtype, as a ``bmm``)."""
-    if rotation is not None:
-        x = x.to(_matmul_dtype(x))
     if torch.is_grad_enabled() and x.requires_grad:
         return _GatherPairs.apply(x, source, target, rotation)
     return _gather_pairs(x, source, target, rotation)
@@ -50,25 +53,17 @@ def scatter_sum(
     src: torch.Tensor, index: torch.Tensor, size: int, rotation: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``out[i] = sum of src[e] over e with index[e] == i``: ``src [E, K, C]``, ``index [E]`` ->
-    ``[size, K, C]``; with ``rotation [E, F, K]``, of ``rotation[e] @ src[e]`` -> ``[size, F, C]`` (in
-    autocast's dtype, as a ``bmm``)."""
-    if rotation is not None:
-        src = src.to(_matmul_dtype(src))
+    ``[size, K, C]``; with ``rotation [E, F, K]``, of ``rotation[e] @ src[e]`` (a ``bmm`` in autocast's
+    dtype) -> ``[size, F, C]``. Summed in float32 at least (see ``precision.py``)."""
     if torch.is_grad_enabled() and src.requires_grad:
         return _ScatterSum.apply(src, index, size, rotation)
     return _scatter_sum(src, index, size, rotation)
 
 
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast runs a matmul of ``x`` in: its own without autocast."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` in ``b``'s dtype, autocast off: the functions here choose their dtype up front (autocast
     would also be on in backward)."""
-    with torch.autocast(b.device.type, enabled=False):
+    with autocast_off(b):
         return torch.bmm(a.to(b.dtype), b, out=out)
 
 
@@ -95,24 +90,26 @@ def _rotated_gather(rotation: torch.Tensor, x: torch.Tensor, *indices: torch.Ten
 def _gather_pairs(x, source, target, rotation):
     if rotation is None:
         return _gather(x, source, target)  # [E, F, 2C]
-    return _rotated_gather(rotation, x, source, target)  # [E, K, 2C]
+    return _rotated_gather(rotation, x.to(matmul_dtype(x)), source, target)  # [E, K, 2C]
 
 
 def _rotated_scatter_(outs: tuple, rotation: torch.Tensor, src: torch.Tensor, indices: tuple) -> None:
-    """``outs[j][indices[j][e]] += rotation[e] @ src[e]`` for each ``j``, block by block of edges on the
-    CPU: ``rotation [E, F, K]``, ``src [E, K, C]``, each of ``outs`` ``[N, F, C]``."""
+    """``outs[j][indices[j][e]] += rotation[e] @ src[e]`` for each ``j`` (a ``bmm`` in ``src``'s dtype,
+    summed in that of ``outs``), block by block of edges on the CPU: ``rotation [E, F, K]``,
+    ``src [E, K, C]``, each of ``outs`` ``[N, F, C]``."""
     row_bytes = rotation.shape[1] * src.shape[-1] * src.element_size()
     for rows in edge_blocks(src.shape[0], row_bytes, src.device):
-        rotated = _bmm(rotation[rows], src[rows])
+        rotated = _bmm(rotation[rows], src[rows]).to(outs[0].dtype)
         for out, index in zip(outs, indices):
             out.index_add_(0, index[rows], rotated)
 
 
 def _scatter_sum(src, index, size, rotation):
+    sum_dtype = accumulation_dtype(src)
     if rotation is None:
-        return src.new_zeros(size, *src.shape[1:]).index_add_(0, index, src)
-    out = src.new_zeros(size, rotation.shape[1], src.shape[-1])
-    _rotated_scatter_((out,), rotation, src, (index,))
+        return src.new_zeros(size, *src.shape[1:], dtype=sum_dtype).index_add_(0, index, src.to(sum_dtype))
+    out = src.new_zeros(size, rotation.shape[1], src.shape[-1], dtype=sum_dtype)
+    _rotated_scatter_((out,), rotation, src.to(matmul_dtype(src)), (index,))
     return out  # [size, F, C]
 
 
@@ -128,10 +125,11 @@ class _GatherPairs(torch.autograd.Function):
         source, target, rotation = ctx.saved_tensors
         grad, channels = grad.contiguous(), grad.shape[-1] // 2
         pair_shape = grad.shape[1:] if rotation is None else (rotation.shape[2], grad.shape[2])
-        sums = grad.new_zeros(2, ctx.num_nodes, *pair_shape)  # by source, by target: [2, N, F, 2C]
+        # by source, by target: [2, N, F, 2C]
+        sums = grad.new_zeros(2, ctx.num_nodes, *pair_shape, dtype=accumulation_dtype(grad))
         if rotation is None:
-            sums[0].index_add_(0, source, grad)
-            sums[1].index_add_(0, target, grad)
+            sums[0].index_add_(0, source, grad.to(sums.dtype))
+            sums[1].index_add_(0, target, grad.to(sums.dtype))
         else:
             _rotated_scatter_((sums[0], sums[1]), rotation.transpose(1, 2), grad, (source, target))
         return sums[0, ..., :channels] + sums[1, ..., channels:], None, None, None
@@ -141,6 +139,7 @@ class _ScatterSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src, index, size, rotation):
         ctx.save_for_backward(index, rotation)
+        ctx.matmul_dtype = matmul_dtype(src)
         return _scatter_sum(src, index, size, rotation)
 
     @staticmethod
@@ -148,4 +147,5 @@ class _ScatterSum(torch.autograd.Function):
         index, rotation = ctx.saved_tensors
         if rotation is None:
             return grad.index_select(0, index), None, None, None
+        grad = grad.to(ctx.matmul_dtype)  # the forward's bmm dtype, not the float32 of the sum
         return _rotated_gather(rotation.transpose(1, 2), grad, index), None, None, None  # [E, K, C]

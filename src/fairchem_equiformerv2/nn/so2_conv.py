@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..so3.layout import EdgeLayout
+from .precision import autocast_off
 from .radial import RadialMLP
 
 
@@ -29,8 +30,10 @@ Radial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (h [E, H], rw [D, H]
 
 
 def radial_weights(h: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
-    """``h rw^T + rb``: ``[E, H]`` -> ``[E, D]``."""
-    return torch.addmm(rb, h, rw.T)
+    """``h rw^T + rb``: ``[E, H]`` -> ``[E, D]``, in ``h``'s dtype (float32 under autocast, as the radial
+    MLP)."""
+    with autocast_off(h):
+        return torch.addmm(rb, h, rw.T)
 
 
 def _radial_backward(needs_grad, grad_w: torch.Tensor, h: torch.Tensor, rw: torch.Tensor):
@@ -43,7 +46,7 @@ def _radial_backward(needs_grad, grad_w: torch.Tensor, h: torch.Tensor, rw: torc
 
 
 def _recomputed_weights(h, rw, rb, dtype) -> torch.Tensor:
-    return radial_weights(h.to(dtype), rw.to(dtype), rb.to(dtype))
+    return radial_weights(h, rw, rb).to(dtype)
 
 
 class _RadialLinear(torch.autograd.Function):

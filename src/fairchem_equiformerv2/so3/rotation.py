@@ -31,11 +31,8 @@ class EdgeRotation:
     @classmethod
     def from_frames(cls, frames: torch.Tensor, layout: EdgeLayout) -> EdgeRotation:
         """Matrices for the edge frames ``frames [E, 3, 3]`` (see :func:`.frames.edge_frames`)."""
-        d = wigner_d(frames, layout.lmax)  # [E, F, F]
-        index = layout.index.to(frames.device)
-        rescale = layout.rescale.to(device=frames.device, dtype=frames.dtype)
-        to_edge = d[:, index, :]
-        from_edge = d.transpose(1, 2)[:, :, index] * rescale
+        to_edge = wigner_d(frames, layout.lmax, rows=layout.index.to(frames.device))  # [E, K, F]
+        from_edge = to_edge.transpose(1, 2) * layout.rescale.to(device=frames.device, dtype=frames.dtype)
         return cls(to_edge.detach().contiguous(), from_edge.detach().contiguous())
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

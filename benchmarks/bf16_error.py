@@ -1,0 +1,105 @@
+"""Where the bf16 autocast error of our model comes from.
+
+On weights like those of ``gpu_checks.py --checks autocast`` (fairchem's initialisation plus ``--noise``
+Gaussian noise, drawn on the CPU from ``--seed``, so the same on any device) and a batch of OC20-like
+slabs, prints, relative to the float32 output
+(``|low - fp32| / |fp32|`` over the batch, and ``max |low - fp32| / max |fp32|``, energy and forces):
+
+* ``autocast``: the model under bf16 autocast;
+* ``weights ...``: the model in float32 with only the weights that autocast hands to bf16 matmuls
+  (the backbone's linear maps; the heads run in float32 in fairchem's HydraModel) rounded to bf16,
+  all of them and by group. A bf16 matmul computes with these rounded weights, so this is a floor for
+  what bf16 autocast can reach on these weights, short of keeping more matmuls in float32 (ours keeps
+  the radial MLPs', the feed-forward networks' and the attention's output projection's: see
+  ``precision.py``; the group "those autocast still rounds" is the floor for ours).
+
+    python benchmarks/bf16_error.py                       # CPU autocast, 31M, two 38-atom slabs
+    python benchmarks/bf16_error.py --noise 0.03 --device cuda --atoms 80 --structures 8
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+import warnings
+
+import torch
+
+from compare_fairchem import build, demo_batch, perturb, same_weights
+from gpu_checks import relative_difference
+
+# Groups of the backbone's matmul weights, by parameter name.
+GROUPS = {
+    "all": r".",
+    "those autocast still rounds": r"so2_conv_\d\.(fc_m0|so2_m_conv)\.|alpha_dot",  # see precision.py
+    "radial MLPs": r"rad_func\.",
+    "SO(2) convolutions": r"so2_conv_\d\.(fc_m0|so2_m_conv)\.",
+    "attention output projection": r"ga\.proj\.",
+    "feed-forward": r"ffn\.",
+}
+
+
+def matmul_weights(model) -> dict[str, torch.nn.Parameter]:
+    """The backbone's parameters that autocast casts to bf16: those of linear maps (``nn.Linear``, our
+    ``SO3Linear``, the attention logit vector); not norms, embeddings or the heads."""
+    from fairchem_equiformerv2.nn.linear import SO3Linear
+
+    names = {n for n, _ in model.backbone.named_parameters() if n.endswith("alpha_dot")}
+    for module_name, module in model.backbone.named_modules():
+        if isinstance(module, (torch.nn.Linear, SO3Linear)):
+            names.update(f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False))
+    return {n: p for n, p in model.backbone.named_parameters() if n in names}
+
+
+def rounded_weights_error(model, batch, reference: dict, pattern: str) -> dict:
+    """Output error in float32 with the matmul weights matching ``pattern`` rounded to bf16."""
+    chosen = [p for n, p in matmul_weights(model).items() if re.search(pattern, n)]
+    saved = [p.detach().clone() for p in chosen]
+    with torch.no_grad():
+        for p in chosen:
+            p.copy_(p.bfloat16())
+        error = relative_difference(reference, model(batch))
+        for p, value in zip(chosen, saved):
+            p.copy_(value)
+    return error
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="31M")
+    parser.add_argument("--atoms", type=int, default=38, help="atoms per structure (about)")
+    parser.add_argument("--structures", type=int, default=2)
+    parser.add_argument("--noise", type=float, default=0.1, help="std of the noise added to the initial weights")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the weight noise")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+
+    batch = demo_batch(args.atoms, args.structures, args.device)
+    ours, theirs = build("ours", args.shape), build("fairchem", args.shape)
+    torch.manual_seed(args.seed)
+    perturb(theirs, args.noise)
+    same_weights(theirs, ours)
+    del theirs
+    ours = ours.to(args.device).eval()
+    print(f"{args.shape}, {args.structures} x {int(batch.natoms[0])} atoms, weight noise {args.noise} (seed {args.seed}), {args.device}")
+    print(f"{'':56s} {'energy, norm':>13s} {'energy, max':>12s} {'forces, norm':>13s} {'forces, max':>12s}")
+
+    def show(label, error, seconds=None):
+        values = " ".join(f"{error[k]:>12.1e}" for k in ("energy_norm", "energy_max", "forces_norm", "forces_max"))
+        print(f"{label:56s} {values}" + (f"   ({seconds:.0f} s)" if seconds is not None else ""), flush=True)
+
+    with torch.no_grad():
+        reference = ours(batch)
+        start = time.perf_counter()
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+            low = ours(batch)
+        show("autocast bf16", relative_difference(reference, low), time.perf_counter() - start)
+    for group, pattern in GROUPS.items():
+        show(f"weights rounded to bf16: {group}", rounded_weights_error(ours, batch, reference, pattern))
+
+
+if __name__ == "__main__":
+    main()
