@@ -84,7 +84,8 @@ def main(argv=None):
     same_weights(theirs, ours)
     del theirs
     ours = ours.to(args.device).eval()
-    print(f"{args.shape}, {args.structures} x {int(batch.natoms[0])} atoms, weight noise {args.noise} (seed {args.seed}), {args.device}")
+    atoms = int(batch.natoms[0])
+    print(f"{args.shape}, {args.structures} x {atoms} atoms, weight noise {args.noise} (seed {args.seed}), {args.device}")
     print(f"{'':56s} {'energy, norm':>13s} {'energy, max':>12s} {'forces, norm':>13s} {'forces, max':>12s}")
 
     def show(label, error, seconds=None):

@@ -1,4 +1,4 @@
-"""Wigner-D matrices of a batch of rotations, per degree, in e3nn's real basis.
+"""Wigner-D matrices of a batch of rotations, all degrees up to lmax at once, in e3nn's real basis.
 
 ``D(R)`` (block-diagonal over degrees ``l = 0..lmax``) is computed from the Euler angles of ``R``
 (e3nn's Y-X-Y convention) as ``D(R) = Z(alpha) J Z(beta) J Z(gamma)``: ``Z`` rotates about e3nn's
