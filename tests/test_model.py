@@ -153,14 +153,17 @@ def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
 
 
 def test_block_compiles_without_graph_breaks():
-    """``torch.compile`` sees one graph per block (the blocked grid loop is eager-only)."""
+    """``torch.compile`` sees one graph per block (the blocked grid loop is eager-only), also under bf16
+    autocast (with the float32 parts' autocast switches inside)."""
     batch = to_batch(default_structures())
     m = hydra(edge_roll="deterministic").train()
     block, captured = m.backbone.blocks[0], {}
     block.register_forward_pre_hook(lambda module, args: captured.setdefault("args", args))
     m(batch)
-    explanation = torch._dynamo.explain(block)(*captured["args"])
-    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            explanation = torch._dynamo.explain(block)(*captured["args"])
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_torch_compile_option_matches_eager():
