@@ -128,8 +128,9 @@ class _GatherPairs(torch.autograd.Function):
         # by source, by target: [2, N, F, 2C]
         sums = grad.new_zeros(2, ctx.num_nodes, *pair_shape, dtype=accumulation_dtype(grad))
         if rotation is None:
-            sums[0].index_add_(0, source, grad.to(sums.dtype))
-            sums[1].index_add_(0, target, grad.to(sums.dtype))
+            grad = grad.to(sums.dtype)
+            sums[0].index_add_(0, source, grad)
+            sums[1].index_add_(0, target, grad)
         else:
             _rotated_scatter_((sums[0], sums[1]), rotation.transpose(1, 2), grad, (source, target))
         return sums[0, ..., :channels] + sums[1, ..., channels:], None, None, None

@@ -7,7 +7,7 @@ polar axis, which rotates each ``(m, -m)`` pair of a degree by the angle ``m * a
 from e3nn once per ``lmax``. Multiplying by ``Z`` is elementwise (each row or column mixes with its
 ``-m`` partner), so the per-edge work is cos/sin, a few elementwise products and one matmul by the
 constant ``J``, for all degrees at once: the edge rotations of a forward pass (``rotation.py``) take
-137 operators whatever ``lmax``, 64 of them for the Euler angles (a loop over degrees took 328 at
+128 operators whatever ``lmax``, 64 of them for the Euler angles (a loop over degrees took 328 at
 lmax 4 and 428 at lmax 6, each a kernel launch on a GPU); much cheaper than e3nn's matrix exponential.
 ``D^1(R) = R`` in this basis.
 
@@ -51,8 +51,8 @@ def wigner_d(rotation: torch.Tensor, lmax: int, rows: torch.Tensor | None = None
     frequency, swap = frequency.to(rotation.dtype), swap.to(rotation.dtype)
     if rows is None:
         rows = torch.arange(swap.shape[0], device=rotation.device)
-    cos_sin = [(torch.cos(a[:, None] * frequency), torch.sin(a[:, None] * frequency)) for a in euler_angles(rotation)]
-    (cos_a, sin_a), (cos_b, sin_b), (cos_g, sin_g) = cos_sin  # each [E, F]
+    phases = [angle[:, None] * frequency for angle in euler_angles(rotation)]  # alpha, beta, gamma: [E, F]
+    (cos_a, sin_a), (cos_b, sin_b), (cos_g, sin_g) = ((torch.cos(p), torch.sin(p)) for p in phases)
     # (Z M)[i] = cos_i M[i] + sin_i M[partner(i)];  (M Z)[:, j] = M[:, j] cos_j + M[:, partner(j)] sin_partner(j)
     d = cos_a[:, rows, None] * swap[rows] + sin_a[:, rows, None] * swap[partner[rows]]  # Z(alpha) J
     d = d * cos_b[:, None, :] + d[:, :, partner] * sin_b[:, None, partner]  # ... Z(beta)
