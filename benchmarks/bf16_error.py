@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from compare_fairchem import build, demo_batch, perturb, same_weights
+from compare_fairchem import build, check_device, demo_batch, perturb, same_weights
 from gpu_checks import relative_difference
 
 # Groups of the backbone's matmul weights, by parameter name.
@@ -74,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 

@@ -255,6 +255,14 @@ def torch_device_name(device: str) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Stop with a usage error naming ``--device`` if it asks for a GPU torch cannot see."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+
+
 def plot_sweep(sweep, title, ylabel, path):
     """Log-log plot of ``sweep`` = [(atoms, fairchem seconds, our seconds), ...] to the PNG ``path``."""
     import matplotlib
@@ -295,6 +303,7 @@ def main(argv=None):
     parser.add_argument("--fairchem-keeps-freed-memory", action="store_true",
                         help="give fairchem's model the glibc malloc setting ours applies on the CPU (cpu_memory.py)")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if args.fairchem_keeps_freed_memory:
         os.environ[FAIRCHEM_KEEPS_FREED_MEMORY] = "1"
 

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from compare_fairchem import build, demo_batch, perturb, same_weights, step, synchronize, timed_steps
+from compare_fairchem import build, check_device, demo_batch, perturb, same_weights, step, synchronize, timed_steps
 
 
 def relative_difference(a: dict, b: dict) -> dict:
@@ -269,6 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-fairchem", action="store_true", help="also the largest batch of fairchem's model")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     warnings.filterwarnings("ignore")
     results = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"}
     print(results["device"], flush=True)
