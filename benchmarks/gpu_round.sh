@@ -8,6 +8,7 @@
 # pydantic-core, annotated-types and typing-inspection, downloaded elsewhere for Python 3.12).
 set -o pipefail
 cd "$(dirname "$0")/.."
+python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "gpu_round.sh: torch sees no CUDA GPU here" >&2; exit 1; }
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 STRUCTURES=${1:-8}
@@ -15,13 +16,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import torch_scatter, torch_sparse" 2>/dev/null || export PYTHONPATH=$PWD/benchmarks/stand_ins:${PYTHONPATH:-}
-export PYTHONPATH=$PWD/src:$PWD/benchmarks:$PYTHONPATH PYTHONUNBUFFERED=1
+paths=$PWD/src:$PWD/benchmarks
+python3 -c "import torch_scatter, torch_sparse" 2>/dev/null || paths=$paths:$PWD/benchmarks/stand_ins
+export PYTHONPATH=$paths${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 run() {  # run NAME SECONDS COMMAND...: output to the terminal and $OUT/NAME.log
     local name=$1 seconds=$2; shift 2
     timeout "$seconds" "$@" 2>&1 | grep -v -i warn | tee "$OUT/$name.log"
 }
-python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "gpu_round.sh: torch sees no CUDA GPU here" >&2; exit 1; }
 nvidia-smi -L
 run autocast 150 python3 benchmarks/gpu_checks.py --checks autocast --json "$OUT/autocast.json"
 run bf16_error 60 python3 benchmarks/bf16_error.py --device cuda --atoms 80 --structures 8
