@@ -170,7 +170,9 @@ def step_flops(model, batch, mode) -> float:
     newer torch's counter fails under no_grad."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    from fairchem_equiformerv2.nn.dense import FLOP_FORMULAS
+
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter:
         if mode == "train":
             step(model, batch, mode)

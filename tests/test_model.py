@@ -10,6 +10,7 @@ from structures import default_structures, to_batch
 
 from fairchem_equiformerv2 import EquiformerV2Backbone
 from fairchem_equiformerv2.backbone import ConfigError
+from fairchem_equiformerv2.nn import dense
 from fairchem_equiformerv2.so3.frames import edge_frames
 from fairchem_equiformerv2.so3.layout import EdgeLayout
 from fairchem_equiformerv2.so3.wigner import wigner_d_blocks
@@ -166,11 +167,13 @@ def test_block_compiles_without_graph_breaks():
         assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_torch_compile_option_matches_eager():
+def test_torch_compile_option_matches_eager(monkeypatch):
     """``torch_compile`` compiles the blocks, the edge-degree embedding and the heads' blocks in place:
     same parameter names (checkpoints load either way), same energies, forces and gradients, also
     inside DDP as fairchem's trainers run it. (The ``aot_eager`` backend traces forward and backward as
-    the default one does, without building kernels.)"""
+    the default one does, without building kernels.) Eager runs its products through torch's ops here,
+    as the compiled modules do (oneDNN's differ from them by float rounding: test_dense.py)."""
+    monkeypatch.setattr(dense, "ONEDNN", False)
     batch = to_batch(default_structures())
     torch.manual_seed(0)
     eager = hydra(edge_roll="deterministic").eval()  # eval: no dropout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dense import Linear
 from .precision import autocast_off
 
 
@@ -44,7 +45,7 @@ class RadialMLP(nn.Module):
         self.channels = list(channels)
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
-            layers.append(nn.Linear(c_in, c_out))
+            layers.append(Linear(c_in, c_out))
             if i < len(channels) - 2:
                 layers += [nn.LayerNorm(c_out), nn.SiLU()]
         self.net = nn.Sequential(*layers)

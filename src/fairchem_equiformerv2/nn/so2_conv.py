@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..so3.layout import EdgeLayout
+from .dense import Linear, linear, mm
 from .precision import autocast_off
 from .radial import RadialMLP
 
@@ -33,14 +34,14 @@ def radial_weights(h: torch.Tensor, rw: torch.Tensor, rb: torch.Tensor) -> torch
     """``h rw^T + rb``: ``[E, H]`` -> ``[E, D]``, in ``h``'s dtype (float32 under autocast, as the radial
     MLP)."""
     with autocast_off(h):
-        return torch.addmm(rb, h, rw.T)
+        return linear(h, rw, rb)
 
 
 def _radial_backward(needs_grad, grad_w: torch.Tensor, h: torch.Tensor, rw: torch.Tensor):
     """Gradients of ``(h, rw, rb)`` from that of ``w [E, D]``; ``needs_grad`` flags the three."""
     return (
-        grad_w @ rw.to(grad_w.dtype) if needs_grad[0] else None,
-        grad_w.T @ h.to(grad_w.dtype) if needs_grad[1] else None,
+        mm(grad_w, rw.to(grad_w.dtype)) if needs_grad[0] else None,
+        mm(grad_w.T, h.to(grad_w.dtype)) if needs_grad[1] else None,
         grad_w.sum(0) if needs_grad[2] else None,
     )
 
@@ -58,30 +59,30 @@ class _RadialLinear(torch.autograd.Function):
     def forward(ctx, x, h, rw, rb, weight, bias):
         ctx.save_for_backward(x, h, rw, rb, weight)
         ctx.has_bias = bias is not None
-        return nn.functional.linear(x * radial_weights(h, rw, rb), weight, bias)
+        return linear(x * radial_weights(h, rw, rb), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, h, rw, rb, weight = ctx.saved_tensors
         w = _recomputed_weights(h, rw, rb, grad.dtype)
-        grad_xw = grad @ weight.to(grad.dtype)  # [E, D]
+        grad_xw = mm(grad, weight.to(grad.dtype))  # [E, D]
         grad_x = grad_xw * w if ctx.needs_input_grad[0] else None
         grad_radial = (None,) * 3
         if any(ctx.needs_input_grad[1:4]):
             grad_radial = _radial_backward(ctx.needs_input_grad[1:4], grad_xw * x, h, rw)
-        grad_weight = grad.T @ (x * w) if ctx.needs_input_grad[4] else None
+        grad_weight = mm(grad.T, x * w) if ctx.needs_input_grad[4] else None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
         return grad_x, *grad_radial, grad_weight, grad_bias
 
 
-def radial_linear(linear: nn.Linear, x: torch.Tensor, radial: Radial | None) -> torch.Tensor:
-    """``linear(x * w)`` for ``x [E, D]`` and the radial weights of ``radial`` (``linear(x)`` when None),
+def radial_linear(layer: nn.Linear, x: torch.Tensor, radial: Radial | None) -> torch.Tensor:
+    """``layer(x * w)`` for ``x [E, D]`` and the radial weights of ``radial`` (``layer(x)`` when None),
     memory-lean in training."""
     if radial is None:
-        return linear(x)
+        return layer(x)
     if torch.is_grad_enabled():
-        return _RadialLinear.apply(x, *radial, linear.weight, linear.bias)
-    return linear(x * radial_weights(*radial))
+        return _RadialLinear.apply(x, *radial, layer.weight, layer.bias)
+    return layer(x * radial_weights(*radial))
 
 
 def complex_linear(x: torch.Tensor, w: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,9 @@ def complex_linear(x: torch.Tensor, w: torch.Tensor | None, weight: torch.Tensor
     """
     a, b = _scaled_pair(x, w)
     w_r, w_i = weight.chunk(2)
-    k1 = (a + b) @ w_r.T
-    k2 = a @ (w_i - w_r).T
-    k3 = b @ (w_r + w_i).T
+    k1 = mm(a + b, w_r.T)
+    k2 = mm(a, (w_i - w_r).T)
+    k3 = mm(b, (w_r + w_i).T)
     return torch.stack((k1 - k3, k1 + k2), dim=1)  # [E, 2, O]
 
 
@@ -130,8 +131,8 @@ class _ComplexLinear(torch.autograd.Function):
         w_r, w_i = weight.to(grad.dtype).chunk(2)
         grad_x, grad_radial, grad_weight = None, (None,) * 3, None
         if any(ctx.needs_input_grad[:4]):
-            p1 = s @ w_r
-            grad_a, grad_b = p1 + g_minus @ (w_i - w_r), p1 - g_plus @ (w_r + w_i)  # [E, D]
+            p1 = mm(s, w_r)
+            grad_a, grad_b = p1 + mm(g_minus, w_i - w_r), p1 - mm(g_plus, w_r + w_i)  # [E, D]
             if ctx.needs_input_grad[0]:
                 grad_x = torch.stack((grad_a, grad_b), dim=1)
                 if w is not None:
@@ -141,8 +142,8 @@ class _ComplexLinear(torch.autograd.Function):
                 grad_radial = _radial_backward(ctx.needs_input_grad[1:4], grad_w, h, rw)
         if ctx.needs_input_grad[4]:
             a, b = (t.to(grad.dtype) for t in _scaled_pair(x, w))
-            q2, q3 = g_minus.T @ a, g_plus.T @ b
-            grad_weight = torch.cat((s.T @ (a + b) - q2 - q3, q2 - q3))
+            q2, q3 = mm(g_minus.T, a), mm(g_plus.T, b)
+            grad_weight = torch.cat((mm(s.T, a + b) - q2 - q3, q2 - q3))
         return grad_x, *grad_radial, grad_weight
 
 
@@ -191,7 +192,7 @@ class SO2Convolution(nn.Module):
         self.in_channels, self.out_channels, self.layout = in_channels, out_channels, layout
         self.extra_m0_channels = extra_m0_channels
         num_l = layout.lmax + 1
-        self.fc_m0 = nn.Linear(num_l * in_channels, num_l * out_channels + extra_m0_channels)
+        self.fc_m0 = Linear(num_l * in_channels, num_l * out_channels + extra_m0_channels)
         self.so2_m_conv = nn.ModuleList(
             SO2MConvolution(m, size * in_channels, out_channels, size)
             for m, size in enumerate(layout.m_sizes)

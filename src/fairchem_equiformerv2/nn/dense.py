@@ -1,0 +1,114 @@
+"""Dense float32 matrix products on the CPU through oneDNN.
+
+torch sends a CPU float32 ``mm``/``linear`` to its BLAS, MKL in the PyPI wheels. MKL picks its code by
+CPU vendor: on AMD CPUs it runs AVX2 code even where the CPU has AVX-512. oneDNN, which torch bundles
+as well (``torch.ops.mkldnn._linear_pointwise``), picks its code by instruction set. Measured on this
+project's CPU machines (AMD EPYC, Zen 5, 2 threads), for the shapes of the SO(2) convolutions
+(``[1520, 1280] x [1280, 896]`` and the like, transposed operands included): 210-230 GFLOP/s
+through MKL, 450-500 through oneDNN, equal to float32 rounding. On Intel CPUs both run AVX-512.
+
+:func:`mm`, :func:`linear` and :class:`Linear` take oneDNN for float32 CPU tensors outside autocast
+and ``torch.compile``, and torch's own ops otherwise (GPU, bf16 autocast, float64), so they are
+drop-in replacements. ``EQUIFORMERV2_CPU_MATMUL=torch`` turns oneDNN off (read at import).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+CPU_MATMUL_ENV = "EQUIFORMERV2_CPU_MATMUL"
+CPU_MATMULS = ("onednn", "torch")
+
+
+def _onednn_available() -> bool:
+    choice = os.environ.get(CPU_MATMUL_ENV, "onednn")
+    if choice not in CPU_MATMULS:
+        raise ValueError(f"{CPU_MATMUL_ENV}={choice!r}: must be one of {CPU_MATMULS}")
+    return choice == "onednn" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+ONEDNN = _onednn_available()
+
+
+def _linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * weight_shape[0]
+
+
+# For torch's FlopCounterMode, which does not know oneDNN's op:
+# ``FlopCounterMode(custom_mapping=FLOP_FORMULAS)`` counts these products as it counts ``mm``.
+FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if ONEDNN else {}
+
+
+def uses_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether a product of ``tensors`` goes through oneDNN: all float32 on the CPU, autocast off and
+    not under ``torch.compile``."""
+    return (
+        ONEDNN
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN, no autograd."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy unless it is contiguous or the transpose of a contiguous matrix.
+
+    oneDNN takes transposed views at full speed, but other strides (a slice such as ``x[:, 0]`` of
+    ``x [E, 2, D]``) send it to its reference kernel: about 100x slower, measured.
+    """
+    if t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous()):
+        return t
+    return t.contiguous()
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a [..., K]`` and ``b [K, M]`` -> ``[..., M]``; no autograd through oneDNN (for
+    the backward passes of autograd Functions and for inference)."""
+    if uses_onednn(a, b):
+        return _onednn_linear(a, b.T, None)
+    return a @ b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.functional.linear``: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` -> ``[..., out]``,
+    with autograd."""
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if not uses_onednn(*operands):
+        return nn.functional.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
+        return _Linear.apply(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
+    """``linear`` through oneDNN, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = mm(grad_rows.T, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product goes through :func:`linear` (same parameters and state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
