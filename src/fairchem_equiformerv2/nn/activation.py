@@ -186,14 +186,15 @@ class _GridSiLU(torch.autograd.Function):
 
 
 class S2Activation(nn.Module):
-    """``x [N, K, C]`` -> ``from_grid(SiLU(to_grid(x)))  [N, K, C]``."""
+    """``x [N, K, C]`` -> ``from_grid(SiLU(to_grid(x)))  [N, K, C]``; with ``first_row``, only the rows
+    from there on are projected back: ``[N, K - first_row, C]``."""
 
     def __init__(self, grid: S2Grid):
         super().__init__()
         self.grid = grid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        to_grid, from_grid = self.grid.to_grid_mat, self.grid.from_grid_mat
+    def forward(self, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        to_grid, from_grid = self.grid.to_grid_mat, self.grid.from_grid_mat[first_row:]
         if torch.is_grad_enabled() and x.requires_grad:
             return _GridSiLU.apply(x, to_grid, from_grid)
         return grid_silu(x, to_grid, from_grid)
@@ -209,8 +210,8 @@ class SeparableS2Activation(nn.Module):
         self.scalar_act = nn.SiLU()
 
     def forward(self, scalars: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tensors = self.s2_act(x)
-        return torch.cat((self.scalar_act(scalars).unsqueeze(1), tensors[:, 1:]), dim=1)
+        # row 0 of the S2 activation would be thrown away: not projected back at all
+        return torch.cat((self.scalar_act(scalars).unsqueeze(1), self.s2_act(x, first_row=1)), dim=1)
 
 
 class GateActivation(nn.Module):
