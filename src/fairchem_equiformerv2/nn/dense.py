@@ -24,10 +24,18 @@ CPU_MATMULS = ("onednn", "torch")
 
 
 def _onednn_available() -> bool:
+    """The choice of :data:`CPU_MATMUL_ENV`, where this torch has the op and it gives ``a @ b`` (checked
+    on a small product: the op is internal to torch and could change)."""
     choice = os.environ.get(CPU_MATMUL_ENV, "onednn")
     if choice not in CPU_MATMULS:
         raise ValueError(f"{CPU_MATMUL_ENV}={choice!r}: must be one of {CPU_MATMULS}")
-    return choice == "onednn" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if choice != "onednn" or not torch.backends.mkldnn.is_available():
+        return False
+    a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4)
+    try:
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [], ""), a @ b)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 ONEDNN = _onednn_available()

@@ -8,6 +8,7 @@ order ``|m|``, and for ``m > 0`` acts on the ``(+m, -m)`` pair as a complex mult
 (all degrees ``l >= m`` and channels of one order are flattened into one vector). ``m = 0`` is a plain
 real linear map, with a bias, and may emit extra invariant channels (EquiformerV2 uses them for
 attention logits and gates). With a radial MLP, each input is first scaled by per-edge weights.
+The products, forward and backward, go through :mod:`.dense` (oneDNN on the CPU).
 """
 from __future__ import annotations
 
