@@ -5,7 +5,8 @@ CPU vendor: on AMD CPUs it runs AVX2 code even where the CPU has AVX-512. oneDNN
 as well (``torch.ops.mkldnn._linear_pointwise``), picks its code by instruction set. Measured on this
 project's CPU machines (AMD EPYC, Zen 5, 2 threads), for the shapes of the SO(2) convolutions
 (``[1520, 1280] x [1280, 896]`` and the like, transposed operands included): 210-230 GFLOP/s
-through MKL, 450-500 through oneDNN, equal to float32 rounding. On Intel CPUs both run AVX-512.
+through MKL, 450-500 through oneDNN, equal to float32 rounding. On Intel CPUs MKL runs AVX-512 as
+well, so the gain there should be small (not measured: this project's machines are AMD).
 
 :func:`mm`, :func:`linear` and :class:`Linear` take oneDNN for float32 CPU tensors outside autocast
 and ``torch.compile``, and torch's own ops otherwise (GPU, bf16 autocast, float64), so they are
@@ -70,7 +71,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy unless it is contiguous or the transpose of a contiguous matrix.
 
     oneDNN takes transposed views at full speed, but other strides (a slice such as ``x[:, 0]`` of
-    ``x [E, 2, D]``) send it to its reference kernel: about 100x slower, measured.
+    ``x [E, 2, D]``) send it to its reference kernel: measured over 100x slower.
     """
     if t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous()):
         return t
