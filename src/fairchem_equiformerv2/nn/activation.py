@@ -68,10 +68,11 @@ def grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -
 
 def _grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
     n, _, channels = x.shape
-    layout = _block_layout(x)
+    layout, points = _block_layout(x), to_grid.shape[0]
+    block = grid_block_rows(x, points)
     out = x.new_empty(n, from_grid.shape[0], channels)
-    grid = layout.buffer(x, to_grid.shape[0])
-    for rows in _blocks(n, grid_block_rows(x, to_grid.shape[0])):
+    grid = layout.buffer(x, min(block, n), points)
+    for rows in _blocks(n, block):
         g = layout.to_grid(to_grid, x[rows], grid)
         nn.functional.silu(g, inplace=True)
         layout.from_grid(from_grid, g, out=out[rows])
@@ -93,10 +94,11 @@ def _grid_silu_backward(
     grad_out: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor
 ) -> torch.Tensor:
     n, _, channels = x.shape
-    layout = _block_layout(x)
+    layout, points = _block_layout(x), to_grid.shape[0]
+    block = grid_block_rows(x, points)
     grad_x = torch.empty_like(x)
-    grid, grad_grid = layout.buffer(x, to_grid.shape[0]), layout.buffer(x, to_grid.shape[0])
-    for rows in _blocks(n, grid_block_rows(x, to_grid.shape[0])):
+    grid, grad_grid = layout.buffer(x, min(block, n), points), layout.buffer(x, min(block, n), points)
+    for rows in _blocks(n, block):
         g = layout.to_grid(to_grid, x[rows], grid)
         grad_g = layout.to_grid(from_grid.T, grad_out[rows], grad_grid)
         _silu_backward(grad_g, g, out=grad_g)
@@ -113,8 +115,9 @@ class _PointsByChannels:
     buffers reused from block to block."""
 
     @staticmethod
-    def buffer(x: torch.Tensor, points: int) -> torch.Tensor:
-        return x.new_empty(min(grid_block_rows(x, points), x.shape[0]), points, x.shape[2])
+    def buffer(x: torch.Tensor, rows: int, points: int) -> torch.Tensor:
+        """``[rows, points, C]`` for ``x [N, K, C]``."""
+        return x.new_empty(rows, points, x.shape[2])
 
     @staticmethod
     def to_grid(matrix: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -133,8 +136,8 @@ class _ChannelsByPoints:
     transposed, in and out. On this project's CPUs the grid step is about 30% faster this way."""
 
     @staticmethod
-    def buffer(x: torch.Tensor, points: int) -> None:
-        return None
+    def buffer(x: torch.Tensor, rows: int, points: int) -> None:
+        return None  # oneDNN has no out=: each product allocates (reused by malloc, below 32 MB)
 
     @staticmethod
     def to_grid(matrix: torch.Tensor, x: torch.Tensor, buffer: None) -> torch.Tensor:
