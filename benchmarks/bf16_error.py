@@ -13,8 +13,12 @@ slabs, prints, relative to the float32 output
   the radial MLPs', the feed-forward networks' and the attention's output projection's: see
   ``precision.py``; the group "those autocast still rounds" is the floor for ours).
 
+With ``--checkpoint``, on a checkpoint's weights instead (ours, or fairchem's EquiformerV2, converted
+in memory; its EMA weights, which fairchem predicts with, where it has them): on trained weights.
+
     python benchmarks/bf16_error.py                       # CPU autocast, 31M, two 38-atom slabs
     python benchmarks/bf16_error.py --noise 0.03 --device cuda --atoms 80 --structures 8
+    python benchmarks/bf16_error.py --checkpoint eq2_31M_ec4_allmd.pt
 """
 from __future__ import annotations
 
@@ -51,6 +55,29 @@ def matmul_weights(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.backbone.named_parameters() if n in names}
 
 
+def checkpoint_model(path: str):
+    """Our model (eval mode, outputs ``{head: {name: tensor}}``) with the weights of the checkpoint at
+    ``path``: its EMA where it keeps one (``checkpoint.pt``), else its ``state_dict`` (fairchem's
+    ``best_checkpoint.pt`` holds the EMA weights there). -> (model, a line that says which)."""
+    from fairchem_equiformerv2.checkpoints import (
+        build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix, trainable_parameter_names,
+    )
+
+    checkpoint = convert_checkpoint_dict(read_checkpoint(path))
+    model = build_model(checkpoint["config"]["model"])
+    model.pass_through_head_outputs = False  # as relative_difference reads them
+    model.load_state_dict(strip_prefix(checkpoint["state_dict"]))
+    ema = (checkpoint.get("ema") or {}).get("shadow_params")
+    if ema:
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in zip(trainable_parameter_names(model), ema):
+                parameters[name].copy_(value)
+    backbone = model.backbone
+    shape = f"{backbone.num_layers} layers, lmax {backbone.lmax}, {backbone.sphere_channels} channels"
+    return model.eval(), f"{path} ({shape}; {'EMA' if ema else 'state_dict'} weights)"
+
+
 def rounded_weights_error(model, batch, reference: dict, pattern: str) -> dict:
     """Output error in float32 with the matmul weights matching ``pattern`` rounded to bf16."""
     chosen = [p for n, p in matmul_weights(model).items() if re.search(pattern, n)]
@@ -71,6 +98,9 @@ def main(argv=None):
     parser.add_argument("--structures", type=int, default=2)
     parser.add_argument("--noise", type=float, default=0.1, help="std of the noise added to the initial weights")
     parser.add_argument("--seed", type=int, default=1, help="seed of the weight noise")
+    parser.add_argument("--weight-init", default="normal", choices=("normal", "uniform"),
+                        help="the initialisation the noise is added to: fairchem's default, or the published configs'")
+    parser.add_argument("--checkpoint", help="a checkpoint's weights instead of the initialisation plus noise")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -79,14 +109,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     batch = demo_batch(args.atoms, args.structures, args.device)
-    ours, theirs = build("ours", args.shape), build("fairchem", args.shape)
-    torch.manual_seed(args.seed)
-    perturb(theirs, args.noise)
-    same_weights(theirs, ours)
-    del theirs
+    if args.checkpoint:
+        ours, weights = checkpoint_model(args.checkpoint)
+    else:
+        init = {"weight_init": args.weight_init}
+        ours, theirs = build("ours", args.shape, **init), build("fairchem", args.shape, **init)
+        torch.manual_seed(args.seed)
+        perturb(theirs, args.noise)
+        same_weights(theirs, ours)
+        del theirs
+        weights = f"{args.shape}, {args.weight_init} initialisation, weight noise {args.noise} (seed {args.seed})"
     ours = ours.to(args.device).eval()
-    atoms = int(batch.natoms[0])
-    print(f"{args.shape}, {args.structures} x {atoms} atoms, weight noise {args.noise} (seed {args.seed}), {args.device}")
+    rms = torch.cat([p.detach().flatten() for p in matmul_weights(ours).values()]).pow(2).mean().sqrt()
+    print(f"{weights}, {args.structures} x {int(batch.natoms[0])} atoms, {args.device}; matmul weights' RMS {rms:.4f}")
     print(f"{'':56s} {'energy, norm':>13s} {'energy, max':>12s} {'forces, norm':>13s} {'forces, max':>12s}")
 
     def show(label, error, seconds=None):
