@@ -55,15 +55,16 @@ def matmul_weights(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.backbone.named_parameters() if n in names}
 
 
-def checkpoint_model(path: str):
+def checkpoint_model(path: str, trust: bool = False):
     """Our model (eval mode, outputs ``{head: {name: tensor}}``) with the weights of the checkpoint at
     ``path``: its EMA where it keeps one (``checkpoint.pt``), else its ``state_dict`` (fairchem's
-    ``best_checkpoint.pt`` holds the EMA weights there). -> (model, a line that says which)."""
+    ``best_checkpoint.pt`` holds the EMA weights there). ``trust``: unpickle Python objects other than
+    tensors (see ``checkpoints.read_checkpoint``). -> (model, a line that says which)."""
     from fairchem_equiformerv2.checkpoints import (
         build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix, trainable_parameter_names,
     )
 
-    checkpoint = convert_checkpoint_dict(read_checkpoint(path))
+    checkpoint = convert_checkpoint_dict(read_checkpoint(path, trust=trust))
     model = build_model(checkpoint["config"]["model"])
     model.pass_through_head_outputs = False  # as relative_difference reads them
     model.load_state_dict(strip_prefix(checkpoint["state_dict"]))
@@ -101,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--weight-init", default="normal", choices=("normal", "uniform"),
                         help="the initialisation the noise is added to: fairchem's default, or the published configs'")
     parser.add_argument("--checkpoint", help="a checkpoint's weights instead of the initialisation plus noise")
+    parser.add_argument("--trust", action="store_true", help="the checkpoint may hold Python objects other than tensors")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -110,7 +112,7 @@ def main(argv=None):
 
     batch = demo_batch(args.atoms, args.structures, args.device)
     if args.checkpoint:
-        ours, weights = checkpoint_model(args.checkpoint)
+        ours, weights = checkpoint_model(args.checkpoint, trust=args.trust)
     else:
         init = {"weight_init": args.weight_init}
         ours, theirs = build("ours", args.shape, **init), build("fairchem", args.shape, **init)
