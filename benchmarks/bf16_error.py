@@ -112,7 +112,12 @@ def main(argv=None):
 
     batch = demo_batch(args.atoms, args.structures, args.device)
     if args.checkpoint:
-        ours, weights = checkpoint_model(args.checkpoint, trust=args.trust)
+        from fairchem_equiformerv2.checkpoints import CheckpointError
+
+        try:
+            ours, weights = checkpoint_model(args.checkpoint, trust=args.trust)
+        except CheckpointError as e:
+            parser.error(f"--checkpoint: {e}")
     else:
         init = {"weight_init": args.weight_init}
         ours, theirs = build("ours", args.shape, **init), build("fairchem", args.shape, **init)

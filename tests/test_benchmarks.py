@@ -1,4 +1,5 @@
-"""The benchmarks refuse a GPU device torch cannot see with a usage error naming --device."""
+"""The benchmarks refuse a GPU device torch cannot see with a usage error naming --device;
+``bf16_error.py --checkpoint`` measures a checkpoint's weights (its EMA where it keeps one)."""
 import sys
 from pathlib import Path
 
@@ -64,3 +65,12 @@ def test_bf16_error_runs_on_a_checkpoint(tmp_path, capsys):
     assert set(rows) >= {"autocast bf16", "weights rounded to bf16: all", "weights rounded to bf16: SO(2) convolutions"}
     for label, values in rows.items():  # relative errors of bf16 rounding: small, not zero, not NaN
         assert all(1e-7 < float(v) < 0.1 for v in values), (label, values)
+
+
+def test_bf16_error_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):
+    from bf16_error import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--checkpoint", str(tmp_path / "nope.pt")])
+    assert stop.value.code == 2
+    assert f"--checkpoint: checkpoint {tmp_path / 'nope.pt'}: no such file" in capsys.readouterr().err
