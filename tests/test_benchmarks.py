@@ -71,6 +71,6 @@ def test_bf16_error_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):
     from bf16_error import main
 
     with pytest.raises(SystemExit) as stop:
-        main(["--checkpoint", str(tmp_path / "nope.pt")])
+        main(["--checkpoint", str(tmp_path / "nope.pt"), "--threads", "1"])
     assert stop.value.code == 2
     assert f"--checkpoint: checkpoint {tmp_path / 'nope.pt'}: no such file" in capsys.readouterr().err
