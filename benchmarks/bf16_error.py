@@ -60,20 +60,19 @@ def checkpoint_model(path: str, trust: bool = False):
     ``path``: its EMA where it keeps one (``checkpoint.pt``), else its ``state_dict`` (fairchem's
     ``best_checkpoint.pt`` holds the EMA weights there). ``trust``: unpickle Python objects other than
     tensors (see ``checkpoints.read_checkpoint``). -> (model, a line that says which)."""
-    from fairchem_equiformerv2.checkpoints import (
-        build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix, trainable_parameter_names,
-    )
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+
+    from fairchem_equiformerv2.checkpoints import build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix
 
     checkpoint = convert_checkpoint_dict(read_checkpoint(path, trust=trust))
     model = build_model(checkpoint["config"]["model"])
     model.pass_through_head_outputs = False  # as relative_difference reads them
     model.load_state_dict(strip_prefix(checkpoint["state_dict"]))
     ema = (checkpoint.get("ema") or {}).get("shadow_params")
-    if ema:
-        parameters = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in zip(trainable_parameter_names(model), ema):
-                parameters[name].copy_(value)
+    if ema:  # as fairchem's trainer does before it predicts
+        average = ExponentialMovingAverage(model.parameters(), checkpoint["ema"]["decay"])
+        average.load_state_dict(checkpoint["ema"])
+        average.copy_to()
     backbone = model.backbone
     shape = f"{backbone.num_layers} layers, lmax {backbone.lmax}, {backbone.sphere_channels} channels"
     return model.eval(), f"{path} ({shape}; {'EMA' if ema else 'state_dict'} weights)"
