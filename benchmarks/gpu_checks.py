@@ -16,7 +16,8 @@
   ``torch_compile: true`` (the blocks, both heads' blocks and the edge-degree embedding compiled) under
   bf16 autocast, against fairchem's float32 eager step, at ``--structures`` and at 2x and 4x that batch;
   and how much of our step the GPU is busy (device time of the kernels over wall time), which says whether the step is
-  bound by the GPU or by the host launching kernels;
+  bound by the GPU or by the host launching kernels; then, at ``--structures``, the same with the compiled
+  modules replayed as CUDA graphs (``torch_compile: {mode: reduce-overhead, dynamic: false}``);
 * ``profile``: our training step's device time by operator (torch.profiler), kernel launches per step.
 
     python benchmarks/gpu_checks.py --device cuda                 # autocast, batch, compile
@@ -236,7 +237,32 @@ def check_throughput(shape: str, atoms: int, structures: int, device: str, repea
         n: result[f"fairchem_fp32_eager_{n}_s"] / result[f"ours_bf16_compiled_{n}_s"]
         for n in sizes if result[f"fairchem_fp32_eager_{n}_s"]
     }
+    del ours
+    torch.cuda.empty_cache()
+    try:
+        for key, value in cuda_graphs_throughput(shape, batches[structures], device, repeats).items():
+            result[key] = value
+        result["cuda_graphs_throughput_vs_fairchem_fp32"] = (
+            result[f"fairchem_fp32_eager_{structures}_s"] / result["ours_bf16_cuda_graphs_s"])
+    except Exception as error:  # the numbers above stand without it
+        result["cuda_graphs_error"] = f"{type(error).__name__}: {error}"[:2000]
     return result
+
+
+def cuda_graphs_throughput(shape: str, batch, device: str, repeats: int) -> dict:
+    """Our bf16 training step with the compiled modules replayed as CUDA graphs (``torch_compile:
+    {mode: reduce-overhead, dynamic: false}``: one graph per module and input shape, so one fixed
+    batch), which takes their kernel launches off the host: the remedy for a host-bound step."""
+    ours = build("ours", shape, torch_compile={"mode": "reduce-overhead", "dynamic": False}).to(device).train()
+    out = {}
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        start = time.perf_counter()
+        step(ours, batch, "train")
+        synchronize(device)
+        out["cuda_graphs_first_step_s"] = time.perf_counter() - start
+        out["ours_bf16_cuda_graphs_s"] = timed_steps(ours, batch, "train", device, repeats)
+        out["ours_bf16_cuda_graphs_busy"] = busy_fraction(ours, batch, device)
+    return out
 
 
 def check_profile(shape: str, atoms: int, structures: int, device: str, top: int = 15) -> dict:

@@ -206,6 +206,19 @@ def test_torch_compile_option_matches_eager(monkeypatch):
         hydra(torch_compile=True, activation_checkpoint=True)
 
 
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) >= (2, 5), reason="torch 2.4's CPU compiler")
+def test_compiled_model_under_cpu_autocast_is_refused_naming_torch_compile():
+    """torch 2.4's CPU compiler builds kernels of the wrong dtype for our blocks under bf16 autocast:
+    a clear error before anything compiles, not a RuntimeError from inside a generated kernel. Other
+    backends (``aot_eager``) are let through."""
+    batch = to_batch(default_structures())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ConfigError, match="torch_compile under CPU autocast"):
+            hydra(torch_compile=True)(batch)
+        hydra(torch_compile={"backend": "aot_eager"}, num_layers=1).eval()(batch)
+    hydra(torch_compile=True).backbone._check_cpu_compile_autocast()  # without autocast: fine
+
+
 def test_repr_shows_hyperparameters():
     text = repr(hydra().backbone)
     assert "lmax=3" in text and "mmax=2" in text and "SO2Convolution" in text and "activation='separable_s2'" in text
@@ -294,6 +307,28 @@ def test_radial_linear_gradient_matches_autograd():
     torch.testing.assert_close(_RadialLinear.apply(x, h, rw, rb, weight, bias), expected)
     assert torch.autograd.gradcheck(_RadialLinear.apply, (x, h, rw, rb, weight, bias))
     assert torch.autograd.gradcheck(_RadialLinear.apply, (x, h, rw, rb, weight, None))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_radial_maps_under_autocast_give_gradients_of_their_inputs_dtype(x_dtype):
+    """Under bf16 autocast both SO(2) maps with radial weights take float32 or bf16 inputs (the
+    backward's products in the incoming gradient's dtype), with autograd's gradients to bf16 rounding."""
+    from fairchem_equiformerv2.nn.so2_conv import SO2Convolution
+
+    torch.manual_seed(0)
+    conv = SO2Convolution(8, 8, EdgeLayout(2, 1), [4, 8, 8], extra_m0_channels=4)
+    edge_features = torch.randn(10, 4)
+    grads = []
+    for autocast in (False, True):
+        x = torch.randn(10, 7, 8, generator=torch.Generator().manual_seed(1)).to(x_dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, extra = conv(x.float() if not autocast else x, edge_features)
+        (y.float().pow(2).sum() + extra.float().pow(2).sum()).backward()
+        grads.append([x.grad.float(), *(p.grad.clone() for p in conv.parameters())])
+        conv.zero_grad()
+    for name, plain, cast in zip(["x", *dict(conv.named_parameters())], *grads):
+        assert cast.dtype == plain.dtype, name
+        assert ((cast - plain).norm() / plain.norm()) < 3e-2, name
 
 
 def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd():

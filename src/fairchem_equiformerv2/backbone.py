@@ -288,6 +288,19 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self._check_no_coincident_atoms(data)
         return atomic_numbers
 
+    def _check_cpu_compile_autocast(self) -> None:
+        """Refuse what torch 2.4's CPU compiler gets wrong: under bf16 autocast, inductor's fused CPU
+        kernels come out in the wrong dtype for our blocks (``RuntimeError: mat1 and mat2 must have the
+        same dtype`` when the step runs). fairchem's ``amp`` is CUDA-only, so its trainers never get here."""
+        _check(
+            self.compile_options is None
+            or not torch.is_autocast_enabled("cpu")
+            or self.compile_options.get("backend", "inductor") != "inductor"
+            or torch.torch_version.TorchVersion(torch.__version__) >= (2, 5),
+            f"torch_compile under CPU autocast: torch {torch.__version__}'s CPU compiler builds kernels of the "
+            "wrong dtype for it; on the CPU run eager (torch_compile: false) or without autocast",
+        )
+
     def _check_no_coincident_atoms(self, data) -> None:
         """fairchem's neighbour search silently drops pairs closer than 0.01 A; refuse them instead.
         Positions (fractional and wrapped when periodic) are binned to 1e-5 and compared per structure."""
@@ -337,6 +350,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def forward(self, data) -> dict:
         atomic_numbers = self._check_input(data)
         if data.pos.device.type == "cpu":
+            self._check_cpu_compile_autocast()
             keep_freed_memory()  # no page faults on every step's fresh tensors (see cpu_memory.py)
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.

@@ -71,7 +71,7 @@ class _RadialLinear(torch.autograd.Function):
         grad_radial = (None,) * 3
         if any(ctx.needs_input_grad[1:4]):
             grad_radial = _radial_backward(ctx.needs_input_grad[1:4], grad_xw * x, h, rw)
-        grad_weight = mm(grad.T, x * w) if ctx.needs_input_grad[4] else None
+        grad_weight = mm(grad.T, (x * w).to(grad.dtype)) if ctx.needs_input_grad[4] else None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
         return grad_x, *grad_radial, grad_weight, grad_bias
 
