@@ -24,6 +24,7 @@ run() {  # run NAME SECONDS COMMAND...: output to the terminal and $OUT/NAME.log
     timeout "$seconds" "$@" 2>&1 | grep -v -i warn | tee "$OUT/$name.log"
 }
 nvidia-smi -L
-run autocast 150 python3 benchmarks/gpu_checks.py --checks autocast --json "$OUT/autocast.json"
-run bf16_error 60 python3 benchmarks/bf16_error.py --device cuda --atoms 80 --structures 8
-run throughput 300 python3 benchmarks/gpu_checks.py --checks throughput --structures "$STRUCTURES" --json "$OUT/throughput.json"
+# the open question first (throughput, with CUDA graphs); all three within one 600 s device command
+run throughput 400 python3 benchmarks/gpu_checks.py --checks throughput --structures "$STRUCTURES" --json "$OUT/throughput.json"
+run autocast 120 python3 benchmarks/gpu_checks.py --checks autocast --json "$OUT/autocast.json"
+run bf16_error 50 python3 benchmarks/bf16_error.py --device cuda --atoms 80 --structures 8
