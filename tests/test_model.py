@@ -309,6 +309,69 @@ def test_radial_linear_gradient_matches_autograd():
     assert torch.autograd.gradcheck(_RadialLinear.apply, (x, h, rw, rb, weight, None))
 
 
+def test_recomputed_in_backward_keeps_notes_not_the_tensor():
+    """Views of the tensor kept for backward are recomputed once, from the recipe; the tensor itself
+    is freed after the forward pass, the recomputed one after the backward pass (no reference cycle:
+    the garbage collector is off), and the gradients are those of keeping it."""
+    import gc
+    import weakref
+
+    from fairchem_equiformerv2.nn.recompute import recomputed_in_backward
+
+    a, w = torch.randn(6, 4, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+
+    def loss_of(t):  # keeps two overlapping views of t for backward
+        return (t[:, :2] @ w).sin().sum() + (t[:, 1:] * 2).pow(2).sum()
+
+    expected = torch.autograd.grad(loss_of(a.exp()), (a, w))
+    calls, kept = [], []
+
+    def recompute():
+        calls.append(1)
+        kept.append(weakref.ref(value := a.detach().exp()))
+        return value
+
+    gc.disable()
+    try:
+        t = a.exp()
+        original = weakref.ref(t)
+        with recomputed_in_backward(t, recompute):
+            loss = loss_of(t)
+        del t
+        assert original() is None and not calls  # only notes of its views were kept
+        grads = torch.autograd.grad(loss, (a, w))
+        del loss
+        assert len(calls) == 1 and kept[0]() is None
+    finally:
+        gc.enable()
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad(), recomputed_in_backward(a, recompute):  # a no-op without gradients
+        pass
+
+
+def test_attention_messages_recomputed_in_backward_give_the_same_gradients():
+    """Recomputing the edge messages in backward instead of keeping them changes no bit of the
+    gradients (the same operations on the same inputs)."""
+    from fairchem_equiformerv2.nn.attention import GraphAttention
+
+    batch = to_batch(default_structures())
+    model = hydra(edge_roll="deterministic").eval()
+    grads = []
+    for recompute in (False, True):
+        for module in model.modules():
+            if isinstance(module, GraphAttention):
+                module.recompute_messages = recompute
+        out = model(batch)
+        (out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+    assert not hydra(activation_checkpoint=True).backbone.blocks[0].ga.recompute_messages
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_radial_maps_under_autocast_give_gradients_of_their_inputs_dtype(x_dtype):
     """Under bf16 autocast both SO(2) maps with radial weights take float32 or bf16 inputs (the

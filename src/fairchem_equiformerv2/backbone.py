@@ -255,6 +255,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             use_attn_renorm=self.use_attn_renorm,
             alpha_drop=alpha_drop,
             grid_resolution=self.grid_resolution,
+            recompute_messages=not self.activation_checkpoint,
         )
 
     def make_feed_forward(self, output_channels: int) -> FeedForward:

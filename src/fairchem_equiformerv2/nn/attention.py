@@ -23,6 +23,7 @@ from .activation import GateActivation, S2Activation, SeparableS2Activation, Smo
 from .linear import SO3Linear
 from .precision import autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
+from .recompute import recomputed_in_backward
 from .scatter import gather_pairs, scatter_sum
 from .so2_conv import SO2Convolution
 
@@ -46,6 +47,8 @@ class GraphAttention(nn.Module):
         use_attn_renorm: LayerNorm on the logit features (attention re-normalisation).
         alpha_drop: dropout on the attention weights.
         grid_resolution: S2 grid size override.
+        recompute_messages: keep the atoms' features for backward instead of the edge messages made
+            from them, recomputed there (:mod:`.recompute`); off inside activation checkpointing.
 
     Forward: node features ``x [N, (lmax+1)**2, sphere_channels]``, atomic numbers ``[N]``, radial
     features ``[E, basis]``, ``edge_index [2, E]`` (source, target), the edges' rotations ->
@@ -68,6 +71,7 @@ class GraphAttention(nn.Module):
         use_attn_renorm: bool = True,
         alpha_drop: float = 0.0,
         grid_resolution: int | None = None,
+        recompute_messages: bool = True,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -75,6 +79,7 @@ class GraphAttention(nn.Module):
         self.sphere_channels, self.hidden_channels, self.output_channels = sphere_channels, hidden_channels, output_channels
         self.num_heads, self.alpha_channels, self.value_channels = num_heads, alpha_channels, value_channels
         self.layout, self.activation, self.use_m_share_rad = layout, activation, use_m_share_rad
+        self.recompute_messages = recompute_messages and not use_m_share_rad
         lmax = layout.lmax
 
         radial_channels = list(radial_channels)
@@ -128,7 +133,12 @@ class GraphAttention(nn.Module):
         else:
             message = gather_pairs(x, source, target, rotation.to_edge)  # [E, K, 2C]
 
-        message, invariants = self.so2_conv_1(message, edge_features)  # [E, K, H], [E, heads*A + gates]
+        def recomputed_message(dtype=message.dtype):  # as above, in the forward's dtype
+            with autocast_off(x):
+                return gather_pairs(x.to(dtype), source, target, rotation.to_edge)
+
+        with recomputed_in_backward(message, recomputed_message, enabled=self.recompute_messages):
+            message, invariants = self.so2_conv_1(message, edge_features)  # [E, K, H], [E, heads*A + gates]
         logits, gates = invariants.split([self.num_heads * self.alpha_channels, self.gate_channels], dim=1)
         message = self.act(message) if self.activation == "s2" else self.act(gates, message)
         value = self.so2_conv_2(message)  # [E, K, heads * V]
