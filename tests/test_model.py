@@ -394,6 +394,21 @@ def test_radial_maps_under_autocast_give_gradients_of_their_inputs_dtype(x_dtype
         assert ((cast - plain).norm() / plain.norm()) < 3e-2, name
 
 
+def test_so3_linear_gradient_matches_autograd():
+    """The per-degree linear map keeping the per-degree weight (not one matrix per coefficient)."""
+    from fairchem_equiformerv2.nn.linear import _SO3Linear, so3_linear
+    from fairchem_equiformerv2.so3.layout import degree_of_coefficients
+
+    x = torch.randn(3, 9, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    degree = degree_of_coefficients(2)
+    expected = torch.einsum("nfi,foi->nfo", x, weight[degree])
+    expected[:, 0] += bias
+    torch.testing.assert_close(so3_linear(x, weight, bias, degree), expected)
+    assert torch.autograd.gradcheck(_SO3Linear.apply, (x, weight, bias, degree))
+
+
 def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd():
     """The m > 0 SO(2) map in three matmuls (Gauss) equals the four-matmul complex product."""
     from fairchem_equiformerv2.nn.so2_conv import _ComplexLinear, complex_linear
