@@ -350,9 +350,11 @@ def test_recomputed_in_backward_keeps_notes_not_the_tensor():
         pass
 
 
-def test_attention_messages_recomputed_in_backward_give_the_same_gradients():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_messages_recomputed_in_backward_give_the_same_gradients(autocast):
     """Recomputing the edge messages in backward instead of keeping them changes no bit of the
-    gradients (the same operations on the same inputs)."""
+    gradients (the same operations on the same inputs), also when the forward ran under bf16 autocast
+    and the backward outside it (as fairchem's trainers run ``amp``)."""
     from fairchem_equiformerv2.nn.attention import GraphAttention
 
     batch = to_batch(default_structures())
@@ -362,7 +364,8 @@ def test_attention_messages_recomputed_in_backward_give_the_same_gradients():
         for module in model.modules():
             if isinstance(module, GraphAttention):
                 module.recompute_messages = recompute
-        out = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(batch)
         (out["energy"]["energy"].pow(2).sum() + out["forces"]["forces"].pow(2).sum()).backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
         model.zero_grad(set_to_none=True)
