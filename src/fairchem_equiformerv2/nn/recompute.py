@@ -3,7 +3,7 @@
 The edge messages that enter the attention's first SO(2) convolution (``[E, K, 2C]``, the largest
 tensor a block keeps for backward: 45 MB per layer for two 38-atom slabs at lmax 6) are a cheap
 function of the atoms' features (``[N, F, C]``: 2 MB): a gather and one rotation per edge. Inside
-:class:`recomputed_in_backward`, whatever the autograd graph would keep of the messages (the tensor
+:func:`recomputed_in_backward`, whatever the autograd graph would keep of the messages (the tensor
 or views of it) is kept as a note of the view; the first backward use recomputes the tensor, once,
 and every note reads its view of that. Exact: the same operations on the same inputs.
 
