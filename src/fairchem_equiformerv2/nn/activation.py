@@ -21,7 +21,8 @@ from .precision import autocast_off
 
 
 class SmoothLeakyReLU(nn.Module):
-    """``(1 + a)/2 x + (1 - a)/2 x (2 sigmoid(x) - 1)``, a smooth leaky ReLU of slope ``a``."""
+    """``(1 + a)/2 x + (1 - a)/2 x (2 sigmoid(x) - 1)``, a smooth leaky ReLU of slope ``a``, computed as
+    ``a x + (1 - a) SiLU(x)`` (the same function), for which autograd keeps only ``x``."""
 
     def __init__(self, negative_slope: float = 0.2):
         super().__init__()
@@ -29,7 +30,7 @@ class SmoothLeakyReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.negative_slope
-        return (1 + a) / 2 * x + (1 - a) / 2 * x * (2 * torch.sigmoid(x) - 1)
+        return a * x + (1 - a) * nn.functional.silu(x)
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}"
