@@ -18,6 +18,7 @@ from torch import nn
 from ..so3.grid import S2Grid
 from .dense import mm, uses_onednn
 from .precision import autocast_off
+from .scatter import row_slices
 
 
 class SmoothLeakyReLU(nn.Module):
@@ -73,7 +74,7 @@ def _grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) 
     block = grid_block_rows(x, points)
     out = x.new_empty(n, from_grid.shape[0], channels)
     grid = layout.buffer(x, min(block, n), points)
-    for rows in _blocks(n, block):
+    for rows in row_slices(n, block):
         g = layout.to_grid(to_grid, x[rows], grid)
         nn.functional.silu(g, inplace=True)
         layout.from_grid(from_grid, g, out=out[rows])
@@ -99,16 +100,12 @@ def _grid_silu_backward(
     block = grid_block_rows(x, points)
     grad_x = torch.empty_like(x)
     grid, grad_grid = layout.buffer(x, min(block, n), points), layout.buffer(x, min(block, n), points)
-    for rows in _blocks(n, block):
+    for rows in row_slices(n, block):
         g = layout.to_grid(to_grid, x[rows], grid)
         grad_g = layout.to_grid(from_grid.T, grad_out[rows], grad_grid)
         _silu_backward(grad_g, g, out=grad_g)
         layout.from_grid(to_grid.T, grad_g, out=grad_x[rows])
     return grad_x
-
-
-def _blocks(n: int, block: int) -> list[slice]:
-    return [slice(start, min(n, start + block)) for start in range(0, n, block)]
 
 
 class _PointsByChannels:

@@ -35,8 +35,12 @@ def edge_blocks(num_edges: int, row_bytes: int, device: torch.device) -> list[sl
     on the CPU; one slice elsewhere."""
     if device.type != "cpu" or torch.compiler.is_compiling():
         return [slice(0, num_edges)]
-    step = max(1, EDGE_BLOCK_BYTES // max(1, row_bytes))
-    return [slice(start, min(num_edges, start + step)) for start in range(0, num_edges, step)]
+    return row_slices(num_edges, max(1, EDGE_BLOCK_BYTES // max(1, row_bytes)))
+
+
+def row_slices(num_rows: int, step: int) -> list[slice]:
+    """``num_rows`` rows in slices of ``step`` (the last one shorter)."""
+    return [slice(start, min(num_rows, start + step)) for start in range(0, num_rows, step)]
 
 
 def gather_pairs(
