@@ -224,45 +224,38 @@ def check_throughput(shape: str, atoms: int, structures: int, device: str, repea
     result["ours_fp32_eager_s"] = timed_steps(ours, batches[structures], "train", device, repeats)
     result["ours_fp32_eager_busy"] = busy_fraction(ours, batches[structures], device)
     del ours
-    ours = build("ours", shape, torch_compile=True).to(device).train()  # the same weights, compiled
-    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-        start = time.perf_counter()
-        step(ours, batches[structures], "train")
-        synchronize(device)
-        result["first_step_with_compile_s"] = time.perf_counter() - start
-        for n, batch in batches.items():
-            result[f"ours_bf16_compiled_{n}_s"] = timed_steps(ours, batch, "train", device, repeats)
-            result[f"ours_bf16_compiled_{n}_busy"] = busy_fraction(ours, batch, device)
+    compiled_bf16_steps(True, shape, batches, device, repeats, "compiled", result)
     result["throughput_vs_fairchem_fp32"] = {
         n: result[f"fairchem_fp32_eager_{n}_s"] / result[f"ours_bf16_compiled_{n}_s"]
         for n in sizes if result[f"fairchem_fp32_eager_{n}_s"]
     }
-    del ours
     torch.cuda.empty_cache()
+    # the compiled modules replayed as CUDA graphs, which takes their kernel launches off the host (the
+    # remedy for a host-bound step): one graph per module and input shape, so one fixed batch
+    cuda_graphs = {"mode": "reduce-overhead", "dynamic": False}
     try:
-        for key, value in cuda_graphs_throughput(shape, batches[structures], device, repeats).items():
-            result[key] = value
+        compiled_bf16_steps(cuda_graphs, shape, {structures: batches[structures]}, device, repeats, "cuda_graphs", result)
         result["cuda_graphs_throughput_vs_fairchem_fp32"] = (
-            result[f"fairchem_fp32_eager_{structures}_s"] / result["ours_bf16_cuda_graphs_s"])
+            result[f"fairchem_fp32_eager_{structures}_s"] / result[f"ours_bf16_cuda_graphs_{structures}_s"])
     except Exception as error:  # the numbers above stand without it
         result["cuda_graphs_error"] = f"{type(error).__name__}: {error}"[:2000]
     return result
 
 
-def cuda_graphs_throughput(shape: str, batch, device: str, repeats: int) -> dict:
-    """Our bf16 training step with the compiled modules replayed as CUDA graphs (``torch_compile:
-    {mode: reduce-overhead, dynamic: false}``: one graph per module and input shape, so one fixed
-    batch), which takes their kernel launches off the host: the remedy for a host-bound step."""
-    ours = build("ours", shape, torch_compile={"mode": "reduce-overhead", "dynamic": False}).to(device).train()
-    out = {}
+def compiled_bf16_steps(options, shape: str, batches: dict, device: str, repeats: int, label: str, result: dict) -> None:
+    """Our bf16 training step with ``torch_compile: options`` (fairchem's initial weights, as the eager
+    models here): the first step, which compiles, and per batch the median step and the GPU's busy
+    fraction, into ``result`` as ``{label}_first_step_s``, ``ours_bf16_{label}_{n}_s`` and
+    ``ours_bf16_{label}_{n}_busy``."""
+    ours = build("ours", shape, torch_compile=options).to(device).train()
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
         start = time.perf_counter()
-        step(ours, batch, "train")
+        step(ours, next(iter(batches.values())), "train")
         synchronize(device)
-        out["cuda_graphs_first_step_s"] = time.perf_counter() - start
-        out["ours_bf16_cuda_graphs_s"] = timed_steps(ours, batch, "train", device, repeats)
-        out["ours_bf16_cuda_graphs_busy"] = busy_fraction(ours, batch, device)
-    return out
+        result[f"{label}_first_step_s"] = time.perf_counter() - start
+        for n, batch in batches.items():
+            result[f"ours_bf16_{label}_{n}_s"] = timed_steps(ours, batch, "train", device, repeats)
+            result[f"ours_bf16_{label}_{n}_busy"] = busy_fraction(ours, batch, device)
 
 
 def check_profile(shape: str, atoms: int, structures: int, device: str, top: int = 15) -> dict:
