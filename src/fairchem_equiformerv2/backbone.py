@@ -290,9 +290,11 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         return atomic_numbers
 
     def _check_cpu_compile_autocast(self) -> None:
-        """Refuse what torch 2.4's CPU compiler gets wrong: under bf16 autocast, inductor's fused CPU
-        kernels come out in the wrong dtype for our blocks (``RuntimeError: mat1 and mat2 must have the
-        same dtype`` when the step runs). fairchem's ``amp`` is CUDA-only, so its trainers never get here."""
+        """Refuse what torch 2.4's CPU compiler gets wrong: under bf16 autocast, inductor's CPU kernels
+        for our autograd Functions come out in the wrong dtype (``RuntimeError: mat1 and mat2 must have
+        the same dtype`` in a training step). fairchem's ``amp`` is CUDA-only, so its trainers never get
+        here. (``aot_eager``, let through, fails likewise in a training step's backward; inference
+        without gradients runs with either.)"""
         _check(
             self.compile_options is None
             or not torch.is_autocast_enabled("cpu")
