@@ -7,24 +7,29 @@ from pathlib import Path
 
 import pytest
 
-# Page faults of allocating (and freeing) 128 MB in 16 MB tensors, before and after keep_freed_memory(), then
+# Page faults of allocating (and freeing) 128 MB in 16 MB tensors, and 288 MB in 96 MB ones (above glibc's
+# largest mmap threshold, 32 MB, and more than the heap holds after the first), before and after
+# keep_freed_memory(), then
 # whether the first CPU forward of a backbone applies it by itself (in a fresh process each: the
 # setting is process-wide).
 PROBE = """
 import json, resource, sys, torch
 from fairchem_equiformerv2 import cpu_memory
 
-def faults():
+def faults(floats=4 * 2**20, count=8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(4 * 2**20) for _ in range(8)]  # 8 x 16 MB, freed together, as in a step
+    blocks = [torch.ones(floats) for _ in range(count)]  # freed together, as in a step
     del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-faults()
-default = faults()
+def large():
+    return faults(24 * 2**20, 3)
+
+faults(), large()
+default, default_large = faults(), large()
 in_effect = cpu_memory.keep_freed_memory()
-faults(), faults()
-print(json.dumps({"default": default, "kept": faults(), "in_effect": in_effect}))
+faults(), faults(), large(), large()
+print(json.dumps({"default": default, "kept": faults(), "default_large": default_large, "kept_large": large(), "in_effect": in_effect}))
 """
 
 BACKBONE_PROBE = """
@@ -51,6 +56,8 @@ def test_freed_memory_is_reused_without_page_faults():
     assert result["in_effect"]
     assert result["default"] > 8000  # 32768 pages of 4 KB, fewer where the kernel gives huge pages
     assert result["kept"] < 500
+    assert result["default_large"] > 8000
+    assert result["kept_large"] < 500
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
@@ -58,6 +65,7 @@ def test_the_environment_variable_turns_it_off():
     result = probe(PROBE, EQUIFORMERV2_KEEP_FREED_MEMORY="0")
     assert not result["in_effect"]
     assert result["kept"] > 8000
+    assert result["kept_large"] > 8000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
