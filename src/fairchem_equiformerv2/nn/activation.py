@@ -135,7 +135,7 @@ class _ChannelsByPoints:
 
     @staticmethod
     def buffer(x: torch.Tensor, rows: int, points: int) -> None:
-        return None  # oneDNN has no out=: each product allocates (reused by malloc, below 32 MB)
+        return None  # oneDNN has no out=: each product allocates (reused by malloc: see cpu_memory.py)
 
     @staticmethod
     def to_grid(matrix: torch.Tensor, x: torch.Tensor, buffer: None) -> torch.Tensor:
