@@ -11,7 +11,10 @@ slabs, prints, relative to the float32 output
   all of them and by group. A bf16 matmul computes with these rounded weights, so this is a floor for
   what bf16 autocast can reach on these weights, short of keeping more matmuls in float32 (ours keeps
   the radial MLPs', the feed-forward networks' and the attention's output projection's: see
-  ``precision.py``; the group "those autocast still rounds" is the floor for ours).
+  ``precision.py``; the group "those autocast still rounds" is the floor for ours);
+* ``autocast bf16, float32: ...``: the model under bf16 autocast with one per-edge stage of the
+  backbone's graph attentions computed in float32 (its inputs cast up, autocast off inside), to see
+  which stage's rounding costs the most.
 
 With ``--checkpoint``, on a checkpoint's weights instead (ours, or fairchem's EquiformerV2, converted
 in memory; its EMA weights, which fairchem predicts with, where it has them): on trained weights.
@@ -23,9 +26,11 @@ in memory; its EMA weights, which fairchem predicts with, where it has them): on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import time
 import warnings
+from unittest import mock
 
 import torch
 
@@ -40,6 +45,18 @@ GROUPS = {
     "SO(2) convolutions": r"so2_conv_\d\.(fc_m0|so2_m_conv)\.",
     "attention output projection": r"ga\.proj\.",
     "feed-forward": r"ffn\.",
+}
+
+
+# Per-edge stages of the backbone's graph attentions (submodules of ``GraphAttention``; "" is the whole
+# attention), computed in float32 under autocast one at a time.
+STAGES = {
+    "first SO(2) convolution": ("so2_conv_1",),
+    "S2 activation": ("act",),
+    "second SO(2) convolution": ("so2_conv_2",),
+    "all three above": ("so2_conv_1", "act", "so2_conv_2"),
+    "edge-frame rotations": (),  # into and out of the frames, also in the edge-degree embedding
+    "whole graph attention": ("",),
 }
 
 
@@ -91,6 +108,33 @@ def rounded_weights_error(model, batch, reference: dict, pattern: str) -> dict:
     return error
 
 
+def _in_float32(forward):
+    """``forward`` with its floating-point tensor arguments in float32 and autocast off."""
+
+    def run(*args):
+        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast(args[0].device.type, enabled=False):
+            return forward(*args)
+
+    return run
+
+
+@contextlib.contextmanager
+def stage_in_float32(model, stage: str):
+    """Inside: ``model``'s backbone computes the :data:`STAGES` entry ``stage`` in float32 (the rotations:
+    the edge-frame ``bmm``s of ``nn/scatter.py``, which take autocast's dtype from ``matmul_dtype``)."""
+    from fairchem_equiformerv2.nn.attention import GraphAttention
+
+    with contextlib.ExitStack() as patches:
+        if not STAGES[stage]:
+            patches.enter_context(mock.patch("fairchem_equiformerv2.nn.scatter.matmul_dtype", lambda x: torch.float32))
+        for attention in (m for m in model.backbone.modules() if isinstance(m, GraphAttention)):
+            for name in STAGES[stage]:
+                module = attention.get_submodule(name)
+                patches.enter_context(mock.patch.object(module, "forward", _in_float32(module.forward)))
+        yield
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="31M")
@@ -140,6 +184,9 @@ def main(argv=None):
         with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
             low = ours(batch)
         show("autocast bf16", relative_difference(reference, low), time.perf_counter() - start)
+        for stage in STAGES:
+            with stage_in_float32(ours, stage), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+                show(f"autocast bf16, float32: {stage}", relative_difference(reference, ours(batch)))
     for group, pattern in GROUPS.items():
         show(f"weights rounded to bf16: {group}", rounded_weights_error(ours, batch, reference, pattern))
 

@@ -1,5 +1,6 @@
 """The benchmarks refuse a GPU device torch cannot see with a usage error naming --device;
-``bf16_error.py --checkpoint`` measures a checkpoint's weights (its EMA where it keeps one)."""
+``bf16_error.py --checkpoint`` measures a checkpoint's weights (its EMA where it keeps one), with
+each per-edge stage in float32 in turn."""
 import sys
 from pathlib import Path
 
@@ -62,9 +63,13 @@ def test_bf16_error_runs_on_a_checkpoint(tmp_path, capsys):
     _plugin_checkpoint(tmp_path / "checkpoint.pt", ema=True)
     main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--atoms", "18", "--threads", "1"])
     rows = {line[:56].strip(): line[56:].split()[:4] for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) >= {"autocast bf16", "weights rounded to bf16: all", "weights rounded to bf16: SO(2) convolutions"}
+    assert set(rows) >= {"autocast bf16", "weights rounded to bf16: all", "weights rounded to bf16: SO(2) convolutions",
+                         "autocast bf16, float32: S2 activation", "autocast bf16, float32: edge-frame rotations"}
     for label, values in rows.items():  # relative errors of bf16 rounding: small, not zero, not NaN
         assert all(1e-7 < float(v) < 0.1 for v in values), (label, values)
+    # with the attentions in float32, what autocast still rounds (the edge-degree embedding's rotations) costs less
+    forces = {label: float(values[2]) for label, values in rows.items()}
+    assert forces["autocast bf16, float32: whole graph attention"] < forces["autocast bf16"] / 2
 
 
 def test_bf16_error_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):

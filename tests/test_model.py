@@ -207,6 +207,36 @@ def test_torch_compile_option_matches_eager(monkeypatch):
 
 
 @pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) >= (2, 5), reason="torch 2.4's CPU compiler")
+def test_bf16_autocast_computes_attention_logits_in_float32(monkeypatch):
+    """Under autocast the attention logits, from the first SO(2) convolution's (bf16) invariant outputs
+    to the softmax, compute in float32: the softmax gets what the same steps give without autocast."""
+    import fairchem_equiformerv2.nn.attention as attention
+
+    m = hydra(edge_roll="deterministic", alpha_drop=0.0, drop_path_rate=0.0).eval()
+    block, seen = m.backbone.blocks[0].ga, {}  # the first graph attention that runs
+
+    def record_invariants(module, args, out):
+        seen.setdefault("invariants", out[1])
+
+    block.so2_conv_1.register_forward_hook(record_invariants)
+    real_softmax = attention.softmax
+
+    def recording_softmax(src, *args, **kwargs):
+        seen.setdefault("logits", src)
+        return real_softmax(src, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "softmax", recording_softmax)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(to_batch(default_structures()))
+        heads, channels = block.num_heads, block.alpha_channels
+        invariants = seen["invariants"][:, : heads * channels]
+        expected = block.alpha_act(block.alpha_norm(invariants.float().view(-1, heads, channels)))
+        expected = torch.einsum("eha,ha->eh", expected, block.alpha_dot)
+    assert invariants.dtype == torch.bfloat16 and seen["logits"].dtype == torch.float32
+    torch.testing.assert_close(seen["logits"], expected, rtol=0, atol=0)  # not a bf16 product cast up
+
+
 def test_compiled_model_under_cpu_autocast_is_refused_naming_torch_compile():
     """torch 2.4's CPU compiler builds kernels of the wrong dtype for our blocks under bf16 autocast:
     a clear error before anything compiles, not a RuntimeError from inside a generated kernel. Other

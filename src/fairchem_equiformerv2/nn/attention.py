@@ -21,7 +21,7 @@ from ..so3.layout import EdgeLayout, degree_of_coefficients
 from ..so3.rotation import EdgeRotation
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
 from .linear import SO3Linear
-from .precision import autocast_off
+from .precision import at_least_float32, autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
 from .recompute import recomputed_in_backward
 from .scatter import gather_pairs, scatter_sum
@@ -143,8 +143,9 @@ class GraphAttention(nn.Module):
         message = self.act(message) if self.activation == "s2" else self.act(gates, message)
         value = self.so2_conv_2(message)  # [E, K, heads * V]
 
-        alpha = self.alpha_act(self.alpha_norm(logits.view(-1, self.num_heads, self.alpha_channels)))
-        alpha = torch.einsum("eha,ha->eh", alpha, self.alpha_dot)
+        with autocast_off(logits):  # the logits in float32 (see precision.py): a small part of the work
+            alpha = self.alpha_act(self.alpha_norm(at_least_float32(logits).view(-1, self.num_heads, self.alpha_channels)))
+            alpha = torch.einsum("eha,ha->eh", alpha, self.alpha_dot)
         alpha = softmax(alpha, target, num_nodes=x.shape[0])  # [E, heads]
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
