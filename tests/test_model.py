@@ -206,7 +206,6 @@ def test_torch_compile_option_matches_eager(monkeypatch):
         hydra(torch_compile=True, activation_checkpoint=True)
 
 
-@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) >= (2, 5), reason="torch 2.4's CPU compiler")
 def test_bf16_autocast_computes_attention_logits_in_float32(monkeypatch):
     """Under autocast the attention logits, from the first SO(2) convolution's (bf16) invariant outputs
     to the softmax, compute in float32: the softmax gets what the same steps give without autocast."""
@@ -237,6 +236,7 @@ def test_bf16_autocast_computes_attention_logits_in_float32(monkeypatch):
     torch.testing.assert_close(seen["logits"], expected, rtol=0, atol=0)  # not a bf16 product cast up
 
 
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) >= (2, 5), reason="torch 2.4's CPU compiler")
 def test_compiled_model_under_cpu_autocast_is_refused_naming_torch_compile():
     """torch 2.4's CPU compiler builds kernels of the wrong dtype for our blocks under bf16 autocast:
     a clear error before anything compiles, not a RuntimeError from inside a generated kernel. Other
