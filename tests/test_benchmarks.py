@@ -65,11 +65,11 @@ def test_bf16_error_runs_on_a_checkpoint(tmp_path, capsys):
     rows = {line[:56].strip(): line[56:].split()[:4] for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) >= {"autocast bf16", "weights rounded to bf16: all", "weights rounded to bf16: SO(2) convolutions",
                          "autocast bf16, float32: S2 activation", "autocast bf16, float32: edge-frame rotations"}
+    # with the attentions in float32 nothing is left in bf16 (the rest of the model computes in float32
+    # under autocast: precision.py), so the output is float32's
+    assert all(float(v) == 0 for v in rows.pop("autocast bf16, float32: whole graph attention"))
     for label, values in rows.items():  # relative errors of bf16 rounding: small, not zero, not NaN
         assert all(1e-7 < float(v) < 0.1 for v in values), (label, values)
-    # with the attentions in float32, what autocast still rounds (the edge-degree embedding's rotations) costs less
-    forces = {label: float(values[2]) for label, values in rows.items()}
-    assert forces["autocast bf16, float32: whole graph attention"] < forces["autocast bf16"] / 2
 
 
 def test_bf16_error_refuses_a_missing_checkpoint_naming_it(tmp_path, capsys):

@@ -118,13 +118,15 @@ def test_bf16_autocast_keeps_geometry_and_sums_in_float32():
 
 
 def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
-    """Under autocast the feed-forward network (work per atom), the radial MLP and the per-edge radial
-    weights compute in float32 as without autocast, and sums into atoms accumulate in float32, forward and
-    backward, while the rotations themselves run as bf16 matmuls."""
+    """Under autocast the feed-forward network (work per atom), the radial MLP, the per-edge radial
+    weights and the edge-degree embedding compute in float32 as without autocast, and sums into atoms
+    accumulate in float32, forward and backward, while the attention's rotations run as bf16 matmuls."""
+    from fairchem_equiformerv2.nn.embedding import EdgeDegreeEmbedding
     from fairchem_equiformerv2.nn.feed_forward import FeedForward
     from fairchem_equiformerv2.nn.radial import RadialMLP
     from fairchem_equiformerv2.nn.scatter import gather_pairs, scatter_sum
     from fairchem_equiformerv2.nn.so2_conv import radial_weights
+    from fairchem_equiformerv2.so3.rotation import EdgeRotation
 
     mlp = RadialMLP([6, 5, 5, 7])
     features = torch.randn(11, 6)
@@ -138,6 +140,12 @@ def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ffn(nodes)
     torch.testing.assert_close(out, ffn(nodes), rtol=0, atol=0)
+
+    embedding = EdgeDegreeEmbedding(8, 2, [6, 5, 5], max_num_elements=None, rescale_factor=3.0)
+    edge_index, rotation = torch.randint(0, 5, (2, 11)), EdgeRotation(torch.randn(11, 7, 9), torch.randn(11, 9, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = embedding(torch.ones(5, dtype=torch.long), features, edge_index, rotation)
+    torch.testing.assert_close(out, embedding(torch.ones(5, dtype=torch.long), features, edge_index, rotation), rtol=0, atol=0)
 
     num_nodes, num_edges = 4, 11
     source, target = torch.randint(0, num_nodes, (2, num_edges))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..so3.layout import num_coefficients
 from ..so3.rotation import EdgeRotation
+from .precision import autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
 from .scatter import scatter_sum
 
@@ -70,8 +71,10 @@ class EdgeDegreeEmbedding(nn.Module):
         if self.edge_types is not None:
             edge_features = self.edge_types(edge_features, atomic_numbers, edge_index)
         m0 = self.rad_func(edge_features).view(-1, self.lmax + 1, self.sphere_channels)  # [E, lmax+1, C]
-        # The m = 0 coefficients are the first lmax + 1 rows of the edge layout.
-        summed = scatter_sum(m0, edge_index[1], atomic_numbers.shape[0], rotation.from_edge[:, :, : self.lmax + 1])
+        # The m = 0 coefficients are the first lmax + 1 rows of the edge layout. The rotation in float32
+        # also under autocast (see precision.py): once per forward, the start of every atom's features.
+        with autocast_off(m0):
+            summed = scatter_sum(m0, edge_index[1], atomic_numbers.shape[0], rotation.from_edge[:, :, : self.lmax + 1])
         return summed / self.rescale_factor  # [N, F, C]
 
     def extra_repr(self) -> str:

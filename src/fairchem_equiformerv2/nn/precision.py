@@ -6,6 +6,8 @@ convolutions and the attention's S2 activation. Elsewhere bf16 would cost accura
 proportion to the time it saves (numbers in the README, ``benchmarks/bf16_error.py``):
 
 * the geometry (graph, edge frames, Wigner matrices) stays in the input's dtype (``backbone.py``);
+* the edge-degree embedding, the start of every atom's features, computes in float32 (its radial MLP,
+  and its one rotation per forward pass: ``embedding.py``);
 * the work per atom computes in float32, the residual stream's dtype: the norms (``norm.py``), the
   feed-forward networks (``feed_forward.py``), the attention's output projection (``attention.py``)
   and, in fairchem's HydraModel, the heads. An atom has up to ``max_neighbors`` edges, so this is a
