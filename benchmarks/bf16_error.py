@@ -109,11 +109,12 @@ def rounded_weights_error(model, batch, reference: dict, pattern: str) -> dict:
 
 
 def _in_float32(forward):
-    """``forward`` with its floating-point tensor arguments in float32 and autocast off."""
+    """``forward`` with its floating-point tensor arguments in float32 (at least) and autocast off."""
+    from fairchem_equiformerv2.nn.precision import at_least_float32, autocast_off
 
     def run(*args):
-        args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        with torch.autocast(args[0].device.type, enabled=False):
+        args = [at_least_float32(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with autocast_off(args[0]):
             return forward(*args)
 
     return run
@@ -122,12 +123,14 @@ def _in_float32(forward):
 @contextlib.contextmanager
 def stage_in_float32(model, stage: str):
     """Inside: ``model``'s backbone computes the :data:`STAGES` entry ``stage`` in float32 (the rotations:
-    the edge-frame ``bmm``s of ``nn/scatter.py``, which take autocast's dtype from ``matmul_dtype``)."""
+    the edge-frame ``bmm``s of ``nn/scatter.py``, which take autocast's dtype from ``matmul_dtype``: given
+    its sums' dtype instead)."""
     from fairchem_equiformerv2.nn.attention import GraphAttention
+    from fairchem_equiformerv2.nn.precision import accumulation_dtype
 
     with contextlib.ExitStack() as patches:
         if not STAGES[stage]:
-            patches.enter_context(mock.patch("fairchem_equiformerv2.nn.scatter.matmul_dtype", lambda x: torch.float32))
+            patches.enter_context(mock.patch("fairchem_equiformerv2.nn.scatter.matmul_dtype", accumulation_dtype))
         for attention in (m for m in model.backbone.modules() if isinstance(m, GraphAttention)):
             for name in STAGES[stage]:
                 module = attention.get_submodule(name)
@@ -178,14 +181,15 @@ def main(argv=None):
         values = " ".join(f"{error[k]:>12.1e}" for k in ("energy_norm", "energy_max", "forces_norm", "forces_max"))
         print(f"{label:56s} {values}" + (f"   ({seconds:.0f} s)" if seconds is not None else ""), flush=True)
 
+    device_type = args.device.split(":")[0]
     with torch.no_grad():
         reference = ours(batch)
         start = time.perf_counter()
-        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             low = ours(batch)
         show("autocast bf16", relative_difference(reference, low), time.perf_counter() - start)
         for stage in STAGES:
-            with stage_in_float32(ours, stage), torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+            with stage_in_float32(ours, stage), torch.autocast(device_type, dtype=torch.bfloat16):
                 show(f"autocast bf16, float32: {stage}", relative_difference(reference, ours(batch)))
     for group, pattern in GROUPS.items():
         show(f"weights rounded to bf16: {group}", rounded_weights_error(ours, batch, reference, pattern))

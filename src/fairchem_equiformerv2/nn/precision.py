@@ -1,8 +1,8 @@
 """What computes in which dtype under autocast (bf16 mixed precision).
 
 Autocast runs matmuls in bf16 and leaves the rest to each op. The model runs in bf16 only the work
-per edge that is most of the time: the rotations into and out of the edge frames, the SO(2)
-convolutions and the attention's S2 activation. Elsewhere bf16 would cost accuracy out of
+per edge that is most of the time: the attention's rotations into and out of the edge frames, its
+SO(2) convolutions and its S2 activation. Elsewhere bf16 would cost accuracy out of
 proportion to the time it saves (numbers in the README, ``benchmarks/bf16_error.py``):
 
 * the geometry (graph, edge frames, Wigner matrices) stays in the input's dtype (``backbone.py``);
@@ -16,8 +16,8 @@ proportion to the time it saves (numbers in the README, ``benchmarks/bf16_error.
 * the radial MLPs and the per-edge radial weights compute in float32 (``radial.py``,
   ``so2_conv.py``): on weights further from it, theirs cost the most;
 * the attention logits, from the first SO(2) convolution's invariant outputs to the softmax, compute
-  in float32 (``attention.py``): ``[E, heads]`` values, whose bf16 rounding the softmax's
-  exponential turns into relative errors of the weights;
+  in float32 (``attention.py``): ``[E, heads x alpha_channels]`` features reduced to ``[E, heads]``
+  logits, whose bf16 rounding the softmax's exponential turns into relative errors of the weights;
 * sums of many terms (messages into atoms, their gradients, energies per structure) accumulate in
   float32 (``scatter.py``, ``heads.py``): a GPU's bf16 atomic adds round after every term.
 """
