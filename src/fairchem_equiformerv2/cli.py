@@ -31,11 +31,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fairchem-eqv2", description="EquiformerV2 for fairchem-core: tools.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    """The ``fairchem-eqv2`` parser: one subparser per entry of :data:`_SUBCOMMANDS`."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fairchem-eqv2",
+        description="Tools around the EquiformerV2 plugin for fairchem-core 1.x: demo data, EvalAI submission "
+        "files, checkpoint conversion. Training, prediction and relaxations are fairchem's own CLI "
+        "(fairchem --mode train|predict|validate|run-relaxations) with the plugin's classes in the config.",
+        epilog=_examples(
+            "fairchem-eqv2 demo-data demo_data",
+            "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_plugin.pt",
+            "fairchem-eqv2 COMMAND --help        # the flags of one command, with examples",
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the plugin's version and exit"
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", title="commands", description="(COMMAND --help for its flags)"
+    )
     for add_subcommand in _SUBCOMMANDS:
         add_subcommand(subparsers)
     return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal as usual; indented lines (the epilog's examples) kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            if any(line.startswith(" ") for line in paragraph.splitlines()) or paragraph.startswith("examples:"):
+                paragraphs.append("\n".join(indent + line for line in paragraph.splitlines()))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def _examples(*lines: str) -> str:
+    """An ``epilog``: the example command lines, indented (so that :class:`_HelpFormatter` keeps them as written)."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +81,16 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo-data",
         help="write small S2EF and IS2RE LMDB datasets labelled with ASE's EMT",
-        description="Write OUT_DIR/{s2ef,is2re}/{train,val,test}/data.lmdb (+ metadata.npz) in fairchem's "
-        "LMDB format, labelled with ASE's EMT. The same seed and sizes give byte-identical files.",
+        description="Write small S2EF and IS2RE datasets labelled with ASE's EMT: "
+        "OUT_DIR/{s2ef,is2re}/{train,val,test}/data.lmdb (+ metadata.npz) in fairchem's LMDB format (the OC20 "
+        "format): adsorbates on fcc metal slabs, OC20 tags and fixed atoms. The same seed and sizes give "
+        "byte-identical files. About 30 s with the default sizes.",
+        epilog=_examples(
+            "fairchem-eqv2 demo-data demo_data",
+            "fairchem --mode train --config-yml configs/demo/s2ef.yml --cpu \\",
+            "    --dataset.train.src=demo_data/s2ef/train --dataset.val.src=demo_data/s2ef/val",
+        ),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (existing demo files are replaced)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -55,7 +100,7 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
                 f"--num-{task}-{split}", type=int, default=size, metavar="N",
                 help=f"{task.upper()} {split} {unit} (default: %(default)s)",
             )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs)")
     parser.set_defaults(handler=_run_demo_data)
 
 
@@ -81,14 +126,25 @@ def _add_make_submission(subparsers: argparse._SubParsersAction) -> None:
         description="Join the per-split files of `fairchem --mode predict` (e.g. s2ef_predictions.npz, "
         "is2re_predictions.npz) into one EvalAI submission file, like fairchem's make_submission_file.py, "
         "after checking them: all splits present, unique ids, finite values, consistent shapes and chunk_idx. "
-        "Nothing is written if a check fails.",
+        "Nothing is written if a check fails (one line on stderr names the split, the file and the problem; exit "
+        "status 2).",
+        epilog=_examples(
+            "fairchem-eqv2 make-submission --id id.npz --ood-ads ood_ads.npz --ood-cat ood_cat.npz \\",
+            "    --ood-both ood_both.npz --out-path submission_s2ef.npz                     # OC20",
+            "fairchem-eqv2 make-submission --dataset OC22 --id id.npz --ood ood.npz --out-path submission.npz",
+            "fairchem-eqv2 make-submission --is2re-relaxations --id traj/id --ood-ads traj/ood_ads \\",
+            "    --ood-cat traj/ood_cat --ood-both traj/ood_both --out-path submission_is2re.npz",
+        ),
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--id", help="ID split predictions (OC20 and OC22)")
-    parser.add_argument("--ood-ads", help="OOD-Ads split predictions (OC20 only)")
-    parser.add_argument("--ood-cat", help="OOD-Cat split predictions (OC20 only)")
-    parser.add_argument("--ood-both", help="OOD-Both split predictions (OC20 only)")
-    parser.add_argument("--ood", help="OOD split predictions (OC22 only)")
-    parser.add_argument("--out-path", required=True, help="submission file to write (.npz is appended if missing)")
+    parser.add_argument("--id", metavar="PATH", help="ID split predictions (OC20 and OC22): a *_predictions.npz file")
+    parser.add_argument("--ood-ads", metavar="PATH", help="OOD-Ads split predictions (OC20 only)")
+    parser.add_argument("--ood-cat", metavar="PATH", help="OOD-Cat split predictions (OC20 only)")
+    parser.add_argument("--ood-both", metavar="PATH", help="OOD-Both split predictions (OC20 only)")
+    parser.add_argument("--ood", metavar="PATH", help="OOD split predictions (OC22 only)")
+    parser.add_argument(
+        "--out-path", required=True, metavar="PATH", help="submission file to write (.npz is appended if missing)"
+    )
     parser.add_argument(
         "--dataset", default="OC20", choices=["OC20", "OC22"], help="which leaderboard (default: %(default)s)"
     )
@@ -125,11 +181,17 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         description="Read a fairchem EquiformerV2 checkpoint (the older single-model layout of the public OC20 "
         "checkpoints, or the hydra backbone/heads layout) and write a fairchem checkpoint whose config names "
         "the plugin's backbone and heads, with the weights and EMA mapped and normalizers and element "
-        "references kept. fairchem's OCPCalculator(checkpoint_path=DST) loads the result.",
+        "references kept. fairchem's OCPCalculator(checkpoint_path=DST) loads the result. Any key that does not "
+        "map, or a weight that does not fit the config, is an error that lists them.",
+        epilog=_examples(
+            "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_plugin.pt",
+            "fairchem-eqv2 convert-checkpoint old_ocp.pt new.pt --trust --force   # a file you trust, replacing new.pt",
+        ),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", help="fairchem checkpoint (.pt)")
     parser.add_argument("dst", metavar="DST", help="checkpoint to write")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists (default: refuse)")
     parser.add_argument(
         "--trust", action="store_true",
         help="unpickle SRC fully (torch.load without weights_only) when it holds Python objects other than "
@@ -148,13 +210,23 @@ def _add_fix_checkpoint(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "fix-checkpoint",
         help="make a checkpoint trained with the plugin load in OCPCalculator(checkpoint_path=...)",
-        description="fairchem 1.10 stores the task name (s2ef, is2re) as config['trainer'] for runs of its "
+        description="Make a checkpoint trained with the plugin load in OCPCalculator(checkpoint_path=...).\n\n"
+        "fairchem 1.10 stores the task name (s2ef, is2re) as config['trainer'] for runs of its "
         "forces/energy/equiformerv2_* trainers, and OCPCalculator(checkpoint_path=...) then fails with "
         "\"Failed to find the trainer 's2ef'\". This checks the checkpoint and writes a trainer name that loads.",
+        epilog=_examples(
+            "fairchem-eqv2 fix-checkpoint runs/checkpoints/<id>/best_checkpoint.pt fixed.pt",
+            "fairchem-eqv2 fix-checkpoint runs/checkpoints/<id>/best_checkpoint.pt          # in place",
+        ),
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("src", metavar="CHECKPOINT", help="checkpoint trained with the plugin")
     parser.add_argument("dst", metavar="DST", nargs="?", help="where to write (default: rewrite CHECKPOINT in place)")
-    parser.add_argument("--trust", action="store_true", help="as for convert-checkpoint")
+    parser.add_argument(
+        "--trust", action="store_true",
+        help="unpickle CHECKPOINT fully (torch.load without weights_only) when it holds Python objects other "
+        "than tensors and plain containers: only for files from a source you trust",
+    )
     parser.set_defaults(handler=_run_fix_checkpoint)
 
 
