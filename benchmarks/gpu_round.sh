@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU measurements of the current code in one go, each bounded in time, logs under
+# The GPU measurements of docs/gpu.md, on the current code, in one go, each bounded in time, logs under
 # ${OUT:-gpu_results}/:  bash benchmarks/gpu_round.sh [throughput structures, default 8]
 #
 # Where torch_scatter/torch_sparse have no build for the installed torch (torch 2.11 on the lent GPU

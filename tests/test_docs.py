@@ -1,6 +1,6 @@
 """The README and docs/ checked like code: docs that drift from the code fail here.
 
-For every Markdown file (README.md, CHANGELOG.md, docs/*.md):
+For every Markdown file (README.md, CHANGELOG.md, docs/*.md, benchmarks/stand_ins/README.md):
 
 * every command line in a fenced ``bash``/``sh``/``shell``/``console`` block (and every inline code
   span that starts with one of the commands below) names things that exist:
@@ -45,7 +45,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "fairchem_equiformerv2"
-DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/stand_ins/README.md"]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 REPO_FOLDERS = ("configs/", "scripts/", "benchmarks/", "tests/", "docs/", "src/")
 INLINE_PROGRAMS = ("make ", "fairchem ", "fairchem-eqv2 ", "python ", "bash ", ".venv/bin/")
