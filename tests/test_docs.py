@@ -59,6 +59,9 @@ INLINE_CODE = re.compile(r"(`+)(.+?)\1")
 PACKAGE_NAME = re.compile(r"\bfairchem_equiformerv2(?:\.[A-Za-z_]\w*)+")
 ENV_VARIABLE = re.compile(r"\bEQUIFORMERV2_[A-Z0-9_]+")
 PATH_LIKE = re.compile(r"^[\w.-]+(?:/[\w.-]+)+\.(?:py|yml|yaml|sh|png|md|toml)$")
+MODULE_FILE = re.compile(r"^[a-z_][a-z0-9_]*\.py$")
+MODULE_ATTRIBUTE = re.compile(r"^([a-z_][a-z0-9_]*)\.([A-Za-z_]\w*)$")
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +114,39 @@ def module_exists(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ImportError:
         return False
+
+
+@cache
+def package_modules() -> dict[str, list[Path]]:
+    """``{"scatter": [.../nn/scatter.py], ...}``: the package's modules by file stem."""
+    modules: dict[str, list[Path]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        modules.setdefault(path.stem, []).append(path)
+    return modules
+
+
+@cache
+def defined_names(path: Path) -> frozenset[str]:
+    """Functions, classes (and their methods) and assigned names defined anywhere in a module."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return frozenset(names)
+
+
+def tracked_modules() -> list[Path]:
+    """The package's modules in git (all of them without git): what architecture.md must describe."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "src/fairchem_equiformerv2"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return sorted(PACKAGE.rglob("*.py"))
+    return sorted(ROOT / p for p in listed if p.endswith(".py") and (ROOT / p).exists()) or sorted(PACKAGE.rglob("*.py"))
 
 
 @cache
@@ -367,6 +403,13 @@ def check_names(text: str, path: Path) -> list[str]:
             (base / span).exists() for base in (ROOT, PACKAGE, path.parent)
         ):
             problems.append(f"file {span!r} does not exist")
+        match = MODULE_ATTRIBUTE.match(span)
+        if match and match.group(1) in package_modules() and not span.endswith(".py"):
+            module, name = match.groups()
+            if not any(name in defined_names(f) for f in package_modules()[module]):
+                problems.append(f"{span}: {module}.py defines no {name}")
+        if path == ARCHITECTURE and MODULE_FILE.match(span) and span[:-3] not in package_modules():
+            problems.append(f"module {span} is not in the package")
     return problems
 
 
@@ -426,6 +469,23 @@ def test_doc_names_only_what_exists(path):
     assert check_markdown(path.read_text(), path) == []
 
 
+def test_architecture_describes_every_module():
+    """A module added to (and committed in) the package gets its line in docs/architecture.md."""
+    spans = set(inline_code(ARCHITECTURE.read_text()))
+    missing = [
+        str(p.relative_to(PACKAGE)) for p in tracked_modules()
+        if p.name != "__init__.py" and p.name not in spans and str(p.relative_to(PACKAGE)) not in spans
+    ]
+    assert missing == [], f"docs/architecture.md does not mention {missing}"
+
+
+def test_architecture_checks_catch(monkeypatch):
+    assert any("no_such_module.py is not in the package" in p for p in check_names("`no_such_module.py`", ARCHITECTURE))
+    monkeypatch.setattr(sys.modules[__name__], "tracked_modules", lambda: [PACKAGE / "nn" / "undocumented.py"])
+    with pytest.raises(AssertionError, match="undocumented.py"):
+        test_architecture_describes_every_module()
+
+
 def test_docs_are_found():
     names = {p.name for p in DOCS}
     assert {"README.md", "architecture.md", "performance.md", "inputs.md"} <= names
@@ -459,6 +519,7 @@ SYNTHETIC = ROOT / "docs" / "synthetic.md"
         ("Use `fairchem_equiformerv2.NoSuchHead`.", "fairchem_equiformerv2.NoSuchHead does not exist"),
         ("Set `EQUIFORMERV2_NO_SUCH_SETTING=1`.", "EQUIFORMERV2_NO_SUCH_SETTING"),
         ("Open `nn/no_such_module.py`.", "'nn/no_such_module.py' does not exist"),
+        ("Call `scatter.no_such_function`.", "scatter.py defines no no_such_function"),
     ],
 )
 def test_checker_catches(markdown, expected):
@@ -487,7 +548,7 @@ def test_checker_passes_what_exists():
         "```",
         "See [configs](configs.md#the-bundled-configs-the-papers-recipes), [here](#a-heading-with-code),",
         "![plot](../benchmarks/scaling.png), `nn/dense.py`, `fairchem_equiformerv2.checkpoints.convert_checkpoint`,",
-        "`EQUIFORMERV2_CPU_MATMUL`.",
+        "`EQUIFORMERV2_CPU_MATMUL`, `scatter.gather_pairs`, `backbone.EquiformerV2Backbone`, `torch.compile`.",
     ])
     assert check_markdown(markdown, SYNTHETIC) == []
 
