@@ -272,8 +272,6 @@ def test_repr_shows_hyperparameters():
         (dict(lmax_list=[4, 2], mmax_list=[2]), "same length"),
         (dict(lmax_list=[4, 2], mmax_list=[2, 2]), "one resolution"),
         (dict(norm_type="batch_norm"), "norm_type"),
-        (dict(attn_activation="relu"), "attn_activation"),
-        (dict(ffn_activation="gelu"), "ffn_activation"),
         (dict(distance_function="sigmoid"), "distance_function"),
         (dict(use_s2_act_attn=True), "use_s2_act_attn"),
         (dict(weight_init="xavier"), "weight_init"),

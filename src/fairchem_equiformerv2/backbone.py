@@ -1,6 +1,7 @@
 """The EquiformerV2 backbone as a fairchem ``BackboneInterface``.
 
-structure batch -> graph (fairchem's on-the-fly radius graph, PBC) -> edge frames and their Wigner-D
+structure batch -> graph (:mod:`.graph`: periodic along each structure's periodic directions) -> edge
+frames and their Wigner-D
 -> atom embedding + edge-degree embedding -> ``num_layers`` blocks -> final norm -> node features.
 
 The constructor takes every argument of fairchem's ``equiformer_v2_backbone`` with the same meaning
@@ -17,7 +18,10 @@ from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .arguments import check_arguments, flag, integer, integer_list, optional, real, text
 from .cpu_memory import keep_freed_memory
+from .errors import ConfigError, ElementError, InputError
+from .graph import GraphSettings, build_graph
 from .nn.attention import GraphAttention
 from .nn.block import EquiformerV2Block
 from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
@@ -35,12 +39,34 @@ _AVG_NUM_NODES = 77.81317
 _AVG_DEGREE = 23.395238876342773
 
 NUM_GAUSSIANS = 600  # fairchem's EquiformerV2 always expands distances in 600 Gaussians
-ACTIVATION_NAMES = ("scaled_silu", "silu")  # the pointwise nonlinearity on the S2 grid is SiLU
+# fairchem's EquiformerV2 never reads attn_activation / ffn_activation: SiLU on the S2 grid whatever they
+# say. Other names are accepted with a warning, so that every checkpoint fairchem runs converts.
+ACTIVATION_NAMES = ("scaled_silu", "silu")
 EDGE_ROLLS = ("random_when_training", "random", "deterministic")
 
-
-class ConfigError(ValueError):
-    """A backbone or head argument that cannot work; the message names the argument."""
+#: Type and range of each numeric and boolean argument (the string choices are checked by name below).
+ARGUMENT_RULES = {
+    **dict.fromkeys(
+        ("use_pbc", "use_pbc_single", "regress_forces", "otf_graph", "use_atom_edge_embedding",
+         "share_atom_edge_embedding", "use_m_share_rad", "use_s2_act_attn", "use_attn_renorm", "use_gate_act",
+         "use_grid_mlp", "use_sep_s2_act", "enforce_max_neighbors_strictly"),
+        flag,
+    ),
+    **dict.fromkeys(("use_energy_lin_ref", "load_energy_lin_ref", "activation_checkpoint"), optional(flag)),
+    **dict.fromkeys(
+        ("max_neighbors", "max_num_elements", "num_layers", "sphere_channels", "attn_hidden_channels", "num_heads",
+         "attn_alpha_channels", "attn_value_channels", "ffn_hidden_channels", "num_sphere_samples", "edge_channels",
+         "num_distance_basis"),
+        integer(1),
+    ),
+    "max_radius": real(0, above=True),
+    "lmax_list": optional(integer_list(1)),
+    "mmax_list": optional(integer_list(0)),
+    "grid_resolution": optional(integer(2)),
+    **dict.fromkeys(("alpha_drop", "drop_path_rate", "proj_drop"), real(0, below=1)),
+    **dict.fromkeys(("avg_num_nodes", "avg_degree"), optional(real(0, above=True))),
+    **dict.fromkeys(("norm_type", "distance_function", "attn_activation", "ffn_activation", "weight_init", "edge_roll"), text),
+}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -117,6 +143,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         edge_roll: str = "random_when_training",
         torch_compile: bool | dict | None = False,
     ):
+        check_arguments(locals(), ARGUMENT_RULES, type(self).__name__)
         super().__init__()
         lmax_list = [6] if lmax_list is None else list(lmax_list)
         mmax_list = [2] if mmax_list is None else list(mmax_list)
@@ -127,11 +154,18 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "its feed-forward network assumes one); use e.g. lmax_list: [6], mmax_list: [2]",
         )
         lmax, mmax = lmax_list[0], mmax_list[0]
-        _check(1 <= lmax, f"lmax_list={lmax_list}: lmax must be >= 1")
         _check(0 <= mmax <= lmax, f"mmax_list={mmax_list}: mmax must be between 0 and lmax ({lmax})")
         _check(distance_function == "gaussian", f"distance_function={distance_function!r}: only 'gaussian' is supported")
+        _check(
+            grid_resolution is None or (grid_resolution % 2 == 0 and grid_resolution >= 2 * (lmax + 1)),
+            f"grid_resolution={grid_resolution}: the S2 grid needs an even number of latitudes, at least "
+            f"2 (lmax + 1) = {2 * (lmax + 1)} for lmax {lmax}; or leave it out for the default",
+        )
         for name, value in (("attn_activation", attn_activation), ("ffn_activation", ffn_activation)):
-            _check(value in ACTIVATION_NAMES, f"{name}={value!r}: must be one of {ACTIVATION_NAMES} (SiLU on the S2 grid)")
+            if value not in ACTIVATION_NAMES:
+                logging.warning(
+                    "%s=%r is ignored, as in fairchem's EquiformerV2: the S2 grid's nonlinearity is SiLU", name, value
+                )
         _check(not use_s2_act_attn, "use_s2_act_attn=True is not supported (fairchem refuses it too: it was never used)")
         _check(weight_init in ("normal", "uniform"), f"weight_init={weight_init!r}: must be 'normal' or 'uniform'")
         _check(
@@ -153,7 +187,6 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "torch_compile with activation_checkpoint=True: torch 2.4 cannot compile a block inside "
             "torch.utils.checkpoint (AOTAutograd refuses to trace it); choose one",
         )
-        _check(max_num_elements >= 1, f"max_num_elements={max_num_elements}: must be positive")
         _check(norm_type in NORM_TYPES, f"norm_type={norm_type!r}: must be one of {NORM_TYPES}")
         if num_distance_basis != 512:
             logging.warning(
@@ -161,11 +194,14 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
                 num_distance_basis, NUM_GAUSSIANS,
             )
 
-        # fairchem's graph utilities (GraphModelMixin.generate_graph) read these attributes
+        # fairchem's names for the graph arguments (GraphModelMixin and its trainers read them)
         self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, use_pbc_single, otf_graph
         self.regress_forces = regress_forces
         self.max_neighbors, self.max_radius, self.cutoff = max_neighbors, max_radius, max_radius
         self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
+        self.graph_settings = GraphSettings(
+            use_pbc, use_pbc_single, otf_graph, max_radius, max_neighbors, enforce_max_neighbors_strictly
+        )
         # hyperparameters heads read
         self.max_num_elements = max_num_elements
         self.num_layers, self.sphere_channels = num_layers, sphere_channels
@@ -180,8 +216,8 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.use_gate_act, self.use_grid_mlp, self.use_sep_s2_act = use_gate_act, use_grid_mlp, use_sep_s2_act
         self.use_attn_renorm, self.use_s2_act_attn = use_attn_renorm, use_s2_act_attn
         self.weight_init = weight_init
-        self.avg_num_nodes = avg_num_nodes or _AVG_NUM_NODES
-        self.avg_degree = avg_degree or _AVG_DEGREE
+        self.avg_num_nodes = _AVG_NUM_NODES if avg_num_nodes is None else avg_num_nodes
+        self.avg_degree = _AVG_DEGREE if avg_degree is None else avg_degree
         self.use_energy_lin_ref, self.load_energy_lin_ref = use_energy_lin_ref, load_energy_lin_ref
         self.activation_checkpoint = bool(activation_checkpoint)
         self.edge_roll = edge_roll
@@ -274,19 +310,18 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def _check_input(self, data) -> torch.Tensor:
         """Atomic numbers ``[N]`` (long) after checking the batch can be embedded."""
         if data.pos.shape[0] == 0:
-            raise ValueError("empty batch: it contains no atoms")
+            raise InputError("empty batch: it contains no atoms")
         atomic_numbers = data.atomic_numbers.long()
         bad = (atomic_numbers < 0) | (atomic_numbers >= self.max_num_elements)
         if bad.any():
             atom = int(bad.nonzero()[0])
-            raise ValueError(
+            raise ElementError(
                 f"atom {atom} (atomic number {int(atomic_numbers[atom])}) is outside the model's "
                 f"element table: max_num_elements={self.max_num_elements} allows 0..{self.max_num_elements - 1}"
             )
         if not torch.isfinite(data.pos).all():
             atom = int((~torch.isfinite(data.pos)).any(dim=1).nonzero()[0])
-            raise ValueError(f"atom {atom} has a non-finite position {data.pos[atom].tolist()}")
-        self._check_no_coincident_atoms(data)
+            raise InputError(f"atom {atom} has a non-finite position {data.pos[atom].tolist()}")
         return atomic_numbers
 
     def _check_cpu_compile_autocast(self) -> None:
@@ -304,52 +339,6 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "wrong dtype for it; on the CPU run eager (torch_compile: false) or without autocast",
         )
 
-    def _check_no_coincident_atoms(self, data) -> None:
-        """fairchem's neighbour search silently drops pairs closer than 0.01 A; refuse them instead.
-        Positions (fractional and wrapped when periodic) are binned to 1e-5 and compared per structure."""
-        key = data.pos.double()
-        if self.use_pbc and "cell" in data:
-            key = torch.linalg.solve(data.cell.double()[data.batch].transpose(1, 2), key.unsqueeze(2)).squeeze(2)
-            key = torch.remainder(torch.round(key * 1e5), 1e5)
-        else:
-            key = torch.round(key * 1e5)
-        key = torch.cat((data.batch.unsqueeze(1).double(), key), dim=1)
-        _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-        if (counts > 1).any():
-            pair = (inverse == int((counts > 1).nonzero()[0])).nonzero().flatten()[:2].tolist()
-            raise ValueError(f"atoms {pair[0]} and {pair[1]} are at the same position {data.pos[pair[0]].tolist()}")
-
-    def _build_graph(self, data):
-        """fairchem's on-the-fly radius graph (``GraphData``), edge vectors in the input's dtype.
-
-        fairchem's neighbour search works in float32 only: a float64 batch is searched in float32
-        and its edge vectors are then measured in float64 from the positions and cell offsets.
-        """
-        search = data
-        if data.pos.dtype != torch.float32:
-            search = data.clone()
-            search.pos = data.pos.float()
-            if "cell" in data:
-                search.cell = data.cell.float()
-        graph = self.generate_graph(search, enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly)
-        source, target = graph.edge_index
-        if self.use_pbc and graph.cell_offsets.shape[0] != source.shape[0]:
-            raise ValueError("two atoms are at the same position (fairchem dropped their zero-length edge)")
-        if search is not data:
-            vec = data.pos[source] - data.pos[target]
-            if self.use_pbc:
-                offsets = torch.bmm(graph.cell_offsets.to(vec.dtype).unsqueeze(1), data.cell[data.batch[source]])
-                graph.offset_distances = offsets.squeeze(1)
-                vec = vec + graph.offset_distances
-            graph.edge_distance_vec, graph.edge_distance = vec, vec.norm(dim=-1)
-        if graph.edge_distance.numel() and graph.edge_distance.min() < 1e-4:
-            e = int(graph.edge_distance.argmin())
-            raise ValueError(
-                f"atoms {int(source[e])} and {int(target[e])} are at the same position "
-                f"(distance {float(graph.edge_distance[e]):.2e} A): the edge has no direction"
-            )
-        return graph
-
     def forward(self, data) -> dict:
         atomic_numbers = self._check_input(data)
         if data.pos.device.type == "cpu":
@@ -358,7 +347,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.
         with autocast_off(data.pos):
-            graph = self._build_graph(data)
+            graph = build_graph(data, self.graph_settings)
             frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
             rotation = EdgeRotation.from_frames(frames, self.layout)
             edge_features = self.distance_expansion(graph.edge_distance)  # [E, basis]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.utils import scatter
 
+from .errors import ConfigError
 from .nn.norm import make_norm
 from .nn.precision import at_least_float32
 from .nn.scatter import gather_pairs
@@ -38,7 +39,7 @@ class EnergyHead(nn.Module, HeadInterface):
     def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum"):
         super().__init__()
         if reduce not in ("sum", "mean"):
-            raise ValueError(f"EnergyHead reduce={reduce!r}: must be 'sum' or 'mean'")
+            raise ConfigError(f"EnergyHead: reduce={reduce!r}: must be 'sum' or 'mean'")
         self.output_name, self.reduce = output_name, reduce
         self.avg_num_nodes = backbone.avg_num_nodes
         self.energy_block = backbone.compiled(backbone.make_feed_forward(1))

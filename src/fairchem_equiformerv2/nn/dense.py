@@ -52,11 +52,12 @@ FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if ONEDNN el
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether a product of ``tensors`` goes through oneDNN: all float32 on the CPU, autocast off and
-    not under ``torch.compile``."""
+    """Whether a product of ``tensors`` goes through oneDNN: all float32 on the CPU and not empty (oneDNN
+    has no primitive for a product of zero rows: a batch without edges), autocast off and not under
+    ``torch.compile``."""
     return (
         ONEDNN
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )

@@ -164,7 +164,7 @@ class SO2MConvolution(nn.Module):
             y = _ComplexLinear.apply(x, *(radial or (None,) * 3), self.fc.weight)
         else:
             y = complex_linear(x, None if radial is None else radial_weights(*radial), self.fc.weight)
-        return y.view(x.shape[0], -1, self.out_channels)  # [E, 2 D, C_out]
+        return y.view(x.shape[0], y.shape[1] * y.shape[2] // self.out_channels, self.out_channels)  # [E, 2 D, C_out]
 
 
 class SO2Convolution(nn.Module):
@@ -213,12 +213,12 @@ class SO2Convolution(nn.Module):
         # split, not narrow: its backward concatenates the blocks' gradients instead of zero-filling
         # a full-size gradient per block
         x_0, *x_m = x.split(self.order_lengths, dim=1)
-        y_0 = radial_linear(self.fc_m0, x_0.reshape(num_edges, -1), radial[0])
+        y_0 = radial_linear(self.fc_m0, x_0.flatten(1), radial[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], dim=1)
-        out = [y_0.view(num_edges, -1, self.out_channels)]
+        out = [y_0.view(num_edges, self.layout.lmax + 1, self.out_channels)]
 
         for x_m, conv, r in zip(x_m, self.so2_m_conv, radial[1:]):
-            out.append(conv(x_m.reshape(num_edges, 2, -1), r))
+            out.append(conv(x_m.reshape(num_edges, 2, x_m.shape[1] // 2 * x_m.shape[2]), r))
 
         out = torch.cat(out, dim=1)  # [E, K, out_channels]
         return (out, extra) if self.extra_m0_channels else out

@@ -1,0 +1,242 @@
+"""The radius graph: each atom's neighbours within the cutoff, through periodic images only along the
+directions in which its structure is periodic.
+
+Which directions are periodic (:func:`periodic_directions`), per structure ``[B, 3]``:
+
+* none when the backbone's ``use_pbc`` is off;
+* else the batch's ``pbc`` flags (fairchem's ``AtomsToGraphs(r_pbc=True)``, which its ASE calculator
+  uses), or all three when the batch has none (fairchem's default for LMDBs without them);
+* never in a structure without a cell (all nine entries zero: molecules in molecular LMDBs).
+
+A structure that is periodic along a direction needs a cell vector there; the other vectors may be
+zero (ASE's default for a molecule or a slab built without vacuum). For the neighbour search such a
+singular cell is completed with unit vectors orthogonal to the periodic ones (:func:`search_cell`);
+the images searched along the periodic directions, and so the graph, are those of the real cell.
+
+The search is fairchem's ``radius_graph_pbc`` (the same edges, in the same order, as fairchem's
+EquiformerV2 on every batch that fairchem's model runs), once per group of structures that share
+their periodic directions. fairchem's own graph refuses a batch that mixes them, reads only the first
+structure's flags of a flat ``pbc``, needs torch_cluster or pyg-lib for a non-periodic batch and
+cannot handle a singular cell; this module does all four.
+
+Atoms closer than :data:`MIN_DISTANCE` (their nearest periodic images included) are refused by
+:func:`check_no_close_pairs`: fairchem's search silently drops such pairs, which would leave two
+atoms in one place that do not see each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from fairchem.core.common.utils import radius_graph_pbc
+from fairchem.core.models.base import GraphData
+
+from .errors import InputError
+
+#: Pairs at or below this distance (A) are dropped by fairchem's neighbour search; we refuse them.
+MIN_DISTANCE = 0.01
+_PAIR_CHUNK = 1 << 22  # atom pairs compared at a time by check_no_close_pairs
+AXES = "abc"
+
+
+def _structure_cells(data, num_structures: int, dtype: torch.dtype) -> torch.Tensor:
+    """``data.cell`` as ``[B, 3, 3]``, zeros when the batch has none."""
+    cell = getattr(data, "cell", None)
+    if cell is None:
+        return torch.zeros(num_structures, 3, 3, dtype=dtype, device=data.pos.device)
+    if cell.numel() != 9 * num_structures:
+        raise InputError(f"cell has shape {tuple(cell.shape)}; a batch of {num_structures} structures needs [{num_structures}, 3, 3]")
+    return cell.reshape(num_structures, 3, 3).to(dtype)
+
+
+def periodic_directions(data, use_pbc: bool, cell: torch.Tensor) -> torch.Tensor:
+    """Which of the cell vectors a, b, c each structure repeats along: ``[B, 3]`` bool (see the module
+    docstring). ``cell [B, 3, 3]``."""
+    num_structures = cell.shape[0]
+    periodic = torch.zeros(num_structures, 3, dtype=torch.bool, device=cell.device)
+    if not use_pbc:
+        return periodic
+    pbc = getattr(data, "pbc", None)
+    if pbc is None:
+        periodic[:] = True
+    elif pbc.numel() != 3 * num_structures:
+        raise InputError(f"pbc has shape {tuple(pbc.shape)}; a batch of {num_structures} structures needs 3 flags each")
+    else:
+        periodic = pbc.reshape(num_structures, 3).to(device=cell.device, dtype=torch.bool)
+    has_cell = cell.flatten(1).ne(0).any(dim=1)
+    periodic = periodic & has_cell.unsqueeze(1)
+    zero_vector = periodic & cell.norm(dim=2).eq(0)
+    if zero_vector.any():
+        s, axis = zero_vector.nonzero()[0].tolist()
+        raise InputError(
+            f"structure {s} is periodic along cell vector {AXES[axis]} (pbc[{axis}] is True) but that vector is zero: "
+            "give the cell a length in every periodic direction, or set pbc False there"
+        )
+    return periodic
+
+
+def search_cell(cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
+    """``cell [B, 3, 3]`` with the non-periodic vectors of every singular cell replaced by unit vectors
+    orthogonal to the periodic ones and to each other (Gram-Schmidt against the axes), so that the cell
+    can be inverted; vectors of non-singular cells are kept. Raises :class:`InputError` where the
+    periodic vectors themselves are linearly dependent."""
+    num_structures = cell.shape[0]
+    scale = cell.norm(dim=2).amax(dim=1).clamp_min(1.0)  # [B]
+    tol = 1e-8
+    singular = torch.linalg.det(cell.double()).abs() <= tol * scale.double() ** 3
+    basis = []  # orthonormal rows [B, 3] spanning what is fixed so far (zero rows where nothing)
+
+    def residual(v: torch.Tensor) -> torch.Tensor:  # v [B, ..., 3] minus its projections on basis
+        for u in basis:
+            u = u.view(num_structures, *([1] * (v.dim() - 2)), 3)
+            v = v - (v * u).sum(-1, keepdim=True) * u
+        return v
+
+    for axis in range(3):  # the periodic vectors first
+        v = residual(cell[:, axis].double() * periodic[:, axis, None])
+        norm = v.norm(dim=1, keepdim=True)
+        dependent = periodic[:, axis] & (norm.squeeze(1) <= tol * scale.double())
+        if dependent.any():
+            s = int(dependent.nonzero()[0])
+            raise InputError(
+                f"structure {s}: the cell vectors of its periodic directions ({cell[s].tolist()}, pbc "
+                f"{periodic[s].tolist()}) are linearly dependent"
+            )
+        basis.append(torch.where(norm > 0, v / norm.clamp_min(1e-300), torch.zeros_like(v)))
+    completed = cell.clone()
+    axes = torch.eye(3, dtype=torch.float64, device=cell.device).expand(num_structures, 3, 3)
+    for axis in range(3):
+        candidates = residual(axes)  # [B, 3 candidates, 3]
+        norms = candidates.norm(dim=2)
+        best = candidates[torch.arange(num_structures), norms.argmax(dim=1)]
+        best = best / best.norm(dim=1, keepdim=True)
+        replace = singular & ~periodic[:, axis]
+        completed[:, axis] = torch.where(replace.unsqueeze(1), best.to(cell.dtype), cell[:, axis])
+        basis.append(torch.where(replace.unsqueeze(1), best, torch.zeros_like(best)))
+    return completed  # [B, 3, 3]
+
+
+def _pairs(natoms: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordered atom pairs ``(i, j)`` of one structure each, numbered ``start:stop`` over the batch's
+    ``sum(natoms**2)`` (fairchem's enumeration in ``radius_graph_pbc``)."""
+    squares = natoms * natoms
+    ends = torch.cumsum(squares, 0)
+    k = torch.arange(start, stop, device=natoms.device)
+    s = torch.searchsorted(ends, k, right=True)
+    r, n = k - (ends - squares)[s], natoms[s]
+    first_atom = (torch.cumsum(natoms, 0) - natoms)[s]
+    return first_atom + r // n, first_atom + r % n
+
+
+def check_no_close_pairs(pos: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor, natoms: torch.Tensor) -> None:
+    """Raise :class:`InputError` naming two atoms of one structure (or an atom and a periodic image of
+    another) closer than :data:`MIN_DISTANCE`.
+
+    ``pos [N, 3]``, ``cell [B, 3, 3]`` (a :func:`search_cell`, invertible), ``periodic [B, 3]``,
+    ``natoms [B]``. Every pair of a structure is compared, in chunks, as the minimum image along the
+    periodic directions (exact for distances this small: the nearest image's fractional difference is
+    under a half in every direction whose cell height exceeds twice the threshold).
+    """
+    natoms = natoms.long()
+    npairs = int((natoms * natoms).sum())
+    if int(natoms.max()) < 2:
+        return
+    batch = torch.repeat_interleave(torch.arange(len(natoms), device=pos.device), natoms)
+    cell = cell.double()
+    frac = torch.linalg.solve(cell.transpose(1, 2)[batch], pos.double().unsqueeze(2)).squeeze(2)  # [N, 3]
+    for start in range(0, npairs, _PAIR_CHUNK):
+        i, j = _pairs(natoms, start, min(npairs, start + _PAIR_CHUNK))
+        i, j = i[i < j], j[i < j]
+        s = batch[i]
+        d = frac[j] - frac[i]
+        image = torch.where(periodic[s], torch.round(d), torch.zeros_like(d))
+        dist = torch.bmm((d - image).unsqueeze(1), cell[s]).squeeze(1).norm(dim=1)
+        close = dist <= MIN_DISTANCE * (1 + 1e-3)
+        if close.any():
+            e = int(close.nonzero()[0])
+            a, b = int(i[e]), int(j[e])
+            through = " (through the periodic boundary)" if image[e].any() else ""
+            raise InputError(
+                f"atoms {a} and {b} are at the same position: {float(dist[e]):.2e} A apart{through}, at "
+                f"{pos[a].tolist()} and {pos[b].tolist()}; atoms closer than {MIN_DISTANCE} A are not allowed "
+                "(fairchem's neighbour search drops such pairs, so neither atom would see the other)"
+            )
+
+
+@dataclass
+class GraphSettings:
+    """The backbone's graph arguments, as fairchem names them."""
+
+    use_pbc: bool
+    use_pbc_single: bool
+    otf_graph: bool
+    cutoff: float
+    max_neighbors: int
+    enforce_max_neighbors_strictly: bool
+
+
+def build_graph(data, settings: GraphSettings) -> GraphData:
+    """The radius graph of a fairchem batch, checked for atoms too close together.
+
+    Edge vectors ``pos[source] - pos[target] + offset`` and lengths come in ``data.pos``'s dtype; the
+    search itself runs in float32 (fairchem's). ``edge_index [2, E]`` is ``(source, target)``.
+    """
+    pos, natoms = data.pos, data.natoms.long()
+    num_structures = len(natoms)
+    cell = _structure_cells(data, num_structures, pos.dtype)
+    periodic = periodic_directions(data, settings.use_pbc, cell)
+    searched = search_cell(cell, periodic)
+    check_no_close_pairs(pos, searched, periodic, natoms)
+
+    if not settings.otf_graph and getattr(data, "edge_index", None) is not None:
+        edge_index = data.edge_index
+        cell_offsets = getattr(data, "cell_offsets", None)
+        if cell_offsets is None:
+            cell_offsets = pos.new_zeros(edge_index.shape[1], 3)
+    else:
+        edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings)
+
+    source, target = edge_index
+    vec = pos[source] - pos[target]
+    offsets = torch.bmm(cell_offsets.to(pos.dtype).unsqueeze(1), cell[data.batch[source]]).squeeze(1)
+    vec += offsets
+    return GraphData(
+        edge_index=edge_index,
+        edge_distance=vec.norm(dim=-1),
+        edge_distance_vec=vec,
+        cell_offsets=cell_offsets,
+        offset_distances=offsets,
+        neighbors=torch.bincount(data.batch[target], minlength=num_structures),
+        node_offset=0,
+        batch_full=data.batch,
+        atomic_numbers_full=data.atomic_numbers.long(),
+    )
+
+
+def _search(pos, cell, periodic, natoms, settings: GraphSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairchem's ``radius_graph_pbc`` over groups of structures that share their periodic directions
+    (each structure alone with ``use_pbc_single``, as fairchem). Returns ``edge_index [2, E]`` in the
+    batch's atom numbering and ``cell_offsets [E, 3]``."""
+    num_structures = len(natoms)
+    if settings.use_pbc_single:
+        groups = [torch.tensor([s], device=pos.device) for s in range(num_structures)]
+    else:
+        patterns, group_of = torch.unique(periodic, dim=0, return_inverse=True)
+        groups = [(group_of == g).nonzero().flatten() for g in range(len(patterns))]
+    batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
+    edges, offsets = [], []
+    for structures in groups:
+        atoms = torch.isin(batch, structures).nonzero().flatten()
+        group = SimpleNamespace(
+            pos=pos[atoms].float(), natoms=natoms[structures], cell=cell[structures].float(),
+            pbc=periodic[structures[:1]],
+        )
+        edge_index, cell_offsets, _ = radius_graph_pbc(
+            group, settings.cutoff, settings.max_neighbors, settings.enforce_max_neighbors_strictly
+        )
+        edges.append(atoms[edge_index])
+        offsets.append(cell_offsets)
+    if len(groups) == 1:
+        return edges[0], offsets[0]
+    return torch.cat(edges, dim=1), torch.cat(offsets)
