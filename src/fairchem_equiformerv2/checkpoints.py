@@ -18,6 +18,7 @@ outputs), which is mapped to hydra heads named ``energy`` and ``forces``.
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 import pickle
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import replaced_atomically
+from .atomic import check_destination, write_bytes_atomically
 from .errors import UserInputError
 
 DERIVED_BUFFERS = (
@@ -401,6 +402,19 @@ def _check_against_model(mapped: Mapping[str, torch.Tensor], model: torch.nn.Mod
         raise CheckpointError("weights do not match the checkpoint's configuration: " + "; ".join(wrong))
 
 
+def _check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN or infinite values, naming the first tensor that holds them and how many: a model
+    with them would predict NaN for every structure."""
+    for name, value in tensors.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{what} {name} holds {bad} NaN or infinite value(s) of {value.numel()}: the training that "
+                    "wrote this checkpoint diverged; use an earlier checkpoint"
+                )
+
+
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
     """Names of ``model.parameters()`` that require grad, in order: the order of EMA lists."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -470,6 +484,7 @@ def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
             raise CheckpointError(str(e)) from None
         mapped_keys = _mapped_key_table(state_dict)
     _check_against_model(mapped, model)
+    _check_finite(mapped, "weight")
 
     new = dict(checkpoint)
     new["config"] = new_config
@@ -477,6 +492,9 @@ def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
     new["state_dict"] = {prefix + k: mapped[k] for k in ordered}
     if checkpoint.get("ema") and kind != "plugin":
         new["ema"] = convert_ema(checkpoint["ema"], state_dict, mapped_keys, model)
+    if new.get("ema"):
+        names = trainable_parameter_names(model)
+        _check_finite(dict(zip(names, new["ema"].get("shadow_params") or [])), "EMA weight")
     if kind != "plugin":
         # optimizer state is indexed by fairchem's parameter order and its scheduler goes with it:
         # they cannot resume our model's training; drop them (the weights and EMA carry over).
@@ -506,10 +524,7 @@ def convert_checkpoint(
     Returns the path written. Raises :class:`CheckpointError` for anything it cannot convert.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} exists; pass overwrite=True (command line: --force) to replace it")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"source and destination are the same file: {src}")
+    check_destination(dst, [src], overwrite=overwrite, what="destination", error=CheckpointError)
     checkpoint = read_checkpoint(src, trust=trust)
     try:
         new = convert_checkpoint_dict(checkpoint)
@@ -519,17 +534,24 @@ def convert_checkpoint(
     return dst
 
 
-def fix_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, trust: bool = False) -> Path:
+def fix_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike | None = None, *, trust: bool = False, overwrite: bool = False
+) -> Path:
     """Make a checkpoint trained with the plugin load in ``OCPCalculator(checkpoint_path=...)``.
 
     fairchem 1.10 saves the task name (``s2ef``, ``is2re``) as ``config["trainer"]`` for runs of its
     ``forces``/``energy``/``equiformerv2_*`` trainers, and ``OCPCalculator`` then fails with
     "Failed to find the trainer 's2ef'". This writes fairchem's ``ocp`` trainer instead (and a
     ``dataset.src`` when missing), after checking the weights against the config. ``dst`` defaults
-    to ``src`` (rewritten in place, atomically).
+    to ``src`` (rewritten in place, atomically); another ``dst`` that exists is replaced only with
+    ``overwrite``.
     """
     src = Path(src)
-    dst = Path(dst) if dst is not None else src
+    if dst is None:
+        dst = src
+    else:
+        dst = Path(dst)
+        check_destination(dst, [src], overwrite=overwrite, what="destination", error=CheckpointError)
     checkpoint = read_checkpoint(src, trust=trust)
     try:
         if checkpoint_kind(checkpoint["config"]) != "plugin":
@@ -542,8 +564,9 @@ def fix_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None = None,
 
 
 def _atomic_save(obj, dst: Path) -> None:
-    with replaced_atomically(dst) as temporary:
-        torch.save(obj, temporary)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomically(dst, buffer.getvalue())
     logging.info("wrote %s", dst)
 
 

@@ -4,13 +4,17 @@ Each subcommand is registered by a small ``_add_<name>(subparsers)`` function th
 its parser and sets ``handler`` (a function of the parsed arguments). To add one, write
 such a function and list it in :data:`_SUBCOMMANDS`.
 
-User errors (:class:`~fairchem_equiformerv2.errors.UserInputError`, a missing file) are
-printed as one line on stderr with exit status 2, without a traceback.
+User errors (:class:`~fairchem_equiformerv2.errors.UserInputError`) and the OS's (``OSError``: a
+missing file, a full disk, a read-only folder, with the path) are printed as one line on stderr with
+exit status 2, without a traceback; what a command writes is never left half-written. Every command
+that writes refuses an output that is one of its inputs, and replaces an existing one only with
+``--force``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from .errors import UserInputError
@@ -22,12 +26,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fairchem-eqv2``; returns the exit status (0 on success)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # fairchem 1.10's modules warn about their own torch.load calls when imported: noise around the one
+    # line a command prints
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairchem\.core")
     try:
         args.handler(args)
-    except (UserInputError, FileNotFoundError) as error:
-        print(f"fairchem-eqv2 {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except UserInputError as error:
+        return _report(args.command, str(error))
+    except OSError as error:  # a missing file, a full disk, a read-only folder: the path and the OS's reason
+        where = f"{error.filename}: " if error.filename else ""
+        return _report(args.command, f"{where}{error.strerror or error}")
     return 0
+
+
+def _report(command: str, message: str) -> int:
+    print(f"fairchem-eqv2 {command}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give a number >= 0")
+    return value
+
+
+def _add_force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true", help=f"replace {what} if it exists (default: refuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,15 +121,16 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (existing demo files are replaced)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if needed)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed, >= 0 (default: %(default)s)")
     for task, defaults, unit in (("s2ef", DEFAULT_S2EF_SIZES, "frames"), ("is2re", DEFAULT_IS2RE_SIZES, "systems")):
         for split, size in defaults.items():
             parser.add_argument(
-                f"--num-{task}-{split}", type=int, default=size, metavar="N",
+                f"--num-{task}-{split}", type=non_negative_int, default=size, metavar="N",
                 help=f"{task.upper()} {split} {unit} (default: %(default)s)",
             )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs)")
+    _add_force(parser, "the demo files in OUT_DIR")
     parser.set_defaults(handler=_run_demo_data)
 
 
@@ -113,6 +143,7 @@ def _run_demo_data(args: argparse.Namespace) -> None:
         s2ef_sizes={split: getattr(args, f"num_s2ef_{split}") for split in SPLITS},
         is2re_sizes={split: getattr(args, f"num_is2re_{split}") for split in SPLITS},
         progress=not args.no_progress,
+        overwrite=args.force,
     )
     for task, splits in paths.items():
         for split, path in splits.items():
@@ -157,6 +188,7 @@ def _add_make_submission(subparsers: argparse._SubParsersAction) -> None:
         "--hybrid", action="store_true",
         help="with --is2re-relaxations: the split paths are S2EF prediction files; ids <sid>_<fid> become <sid>",
     )
+    _add_force(parser, "--out-path")
     parser.set_defaults(handler=_run_make_submission)
 
 
@@ -170,6 +202,7 @@ def _run_make_submission(args: argparse.Namespace) -> None:
         dataset=args.dataset,
         is2re_relaxations=args.is2re_relaxations,
         hybrid=args.hybrid,
+        overwrite=args.force,
     )
     print(f"Results saved to {path} successfully.")
 
@@ -191,7 +224,7 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="fairchem checkpoint (.pt)")
     parser.add_argument("dst", metavar="DST", help="checkpoint to write")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists (default: refuse)")
+    _add_force(parser, "DST")
     parser.add_argument(
         "--trust", action="store_true",
         help="unpickle SRC fully (torch.load without weights_only) when it holds Python objects other than "
@@ -227,13 +260,14 @@ def _add_fix_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         help="unpickle CHECKPOINT fully (torch.load without weights_only) when it holds Python objects other "
         "than tensors and plain containers: only for files from a source you trust",
     )
+    _add_force(parser, "DST (when given and not CHECKPOINT itself)")
     parser.set_defaults(handler=_run_fix_checkpoint)
 
 
 def _run_fix_checkpoint(args: argparse.Namespace) -> None:
     from .checkpoints import fix_checkpoint
 
-    print(f"wrote {fix_checkpoint(args.src, args.dst, trust=args.trust)}")
+    print(f"wrote {fix_checkpoint(args.src, args.dst, trust=args.trust, overwrite=args.force)}")
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -49,6 +49,7 @@ from fairchem.core.preprocessing import AtomsToGraphs
 from torch_geometric.data import Data
 from tqdm import tqdm
 
+from .atomic import check_destination
 from .demo_structures import displaced, emt_relaxation, labelled, random_system
 from .errors import UserInputError
 from .lmdb_writer import write_lmdb, write_metadata
@@ -82,16 +83,18 @@ def make_demo_data(
     s2ef_sizes: Mapping[str, int] | None = None,
     is2re_sizes: Mapping[str, int] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, Path]]:
     """Write the demo S2EF and IS2RE datasets under ``out_dir``.
 
     Args:
-        out_dir: output folder (created if needed); existing demo files are replaced.
+        out_dir: output folder (created if needed).
         seed: the random seed; the same seed and sizes give byte-identical files.
         s2ef_sizes: frames per split, e.g. ``{"train": 200, "val": 50, "test": 50}``;
             missing splits take :data:`DEFAULT_S2EF_SIZES`.
         is2re_sizes: systems per split; missing splits take :data:`DEFAULT_IS2RE_SIZES`.
         progress: show a tqdm progress bar per split.
+        overwrite: replace existing demo files; without it they are refused before anything is made.
 
     Returns:
         ``{"s2ef": {"train": path, "val": path, "test": path}, "is2re": {...}}``, the paths
@@ -101,6 +104,14 @@ def make_demo_data(
         "s2ef": _resolve_sizes(s2ef_sizes, DEFAULT_S2EF_SIZES, "s2ef"),
         "is2re": _resolve_sizes(is2re_sizes, DEFAULT_IS2RE_SIZES, "is2re"),
     }
+    if seed < 0:
+        raise UserInputError(f"seed {seed}: must be >= 0")
+    folders = {(task, split): Path(out_dir) / task / split for task in TASKS for split in SPLITS}
+    for folder in folders.values():  # every refusal before the first split is made
+        for name in ("data.lmdb", "metadata.npz"):
+            check_destination(folder / name, overwrite=overwrite, what="demo file")
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, dict[str, Path]] = {}
     for task in TASKS:
         paths[task] = {}
@@ -108,7 +119,7 @@ def make_demo_data(
             size = sizes[task][split]
             entries = _ENTRY_MAKERS[task](seed, split, size)
             bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
-            paths[task][split] = write_split(Path(out_dir) / task / split, list(bar))
+            paths[task][split] = write_split(folders[task, split], list(bar))
     return paths
 
 

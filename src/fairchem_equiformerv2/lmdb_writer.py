@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from .atomic import replaced_atomically
+from .atomic import replaced_atomically, write_bytes_atomically
+from .errors import UserInputError
 
 #: Address space reserved for one file (sparse: only written pages use disk).
 DEFAULT_MAP_SIZE = 1 << 32
@@ -50,16 +51,19 @@ def write_lmdb(path: str | os.PathLike, entries: Iterable[Data], map_size: int =
         the number of entries written.
     """
     with replaced_atomically(Path(path)) as temporary:
-        env = lmdb.open(str(temporary), map_size=map_size, subdir=False, lock=False, meminit=True, sync=True)
         try:
-            count = 0
-            with env.begin(write=True) as txn:
-                for count, data in enumerate(entries, start=1):
-                    txn.put(f"{count - 1}".encode("ascii"), dumps_deterministic(data))
-                txn.put(b"length", dumps_deterministic(count))
-            env.sync()
-        finally:
-            env.close()
+            env = lmdb.open(str(temporary), map_size=map_size, subdir=False, lock=False, meminit=True, sync=True)
+            try:
+                count = 0
+                with env.begin(write=True) as txn:
+                    for count, data in enumerate(entries, start=1):
+                        txn.put(f"{count - 1}".encode("ascii"), dumps_deterministic(data))
+                    txn.put(b"length", dumps_deterministic(count))
+                env.sync()
+            finally:
+                env.close()
+        except lmdb.Error as e:  # a full disk or a read-only folder, in LMDB's words
+            raise UserInputError(f"cannot write {path}: {str(e).replace(f'{temporary}: ', '')}") from None
     return count
 
 
@@ -87,11 +91,11 @@ def write_metadata(folder: str | os.PathLike, natoms: Iterable[int]) -> Path:
     Same content as ``np.savez``, but with fixed zip timestamps so that equal inputs give
     byte-identical files.
     """
-    out = Path(folder) / "metadata.npz"
     arrays = {"natoms": np.asarray(list(natoms), dtype=np.int32)}
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
-    return out
+    return write_bytes_atomically(Path(folder) / "metadata.npz", buffer.getvalue())

@@ -33,6 +33,7 @@ and renamed, so a failure never leaves a partial submission.
 """
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replaced_atomically
+from .atomic import check_destination, write_bytes_atomically
 from .errors import UserInputError
 
 #: EvalAI test splits per dataset, in submission order.
@@ -83,6 +84,7 @@ def make_submission(
     dataset: str = "OC20",
     is2re_relaxations: bool = False,
     hybrid: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Validate the per-split predictions and write the EvalAI submission file.
 
@@ -96,6 +98,7 @@ def make_submission(
         dataset: ``"OC20"`` or ``"OC22"``.
         is2re_relaxations: build IS2RE energies from relaxations (see ``split_paths``).
         hybrid: with ``is2re_relaxations``, read S2EF prediction files instead of trajectories.
+        overwrite: replace ``out_path`` if it exists (never when it is one of the inputs).
 
     Returns:
         the path written.
@@ -106,11 +109,15 @@ def make_submission(
     splits = _required_splits(split_paths, dataset)
     if hybrid and not is2re_relaxations:
         raise SubmissionError("--hybrid only applies together with --is2re-relaxations")
+    out_path = _npz_path(out_path)
+    check_destination(
+        out_path, [split_paths[split] for split in splits], overwrite=overwrite, what="--out-path", error=SubmissionError
+    )
     predictions = [_load_split(split, Path(split_paths[split]), is2re_relaxations, hybrid) for split in splits]
     for split_predictions in predictions:
         validate_split(split_predictions, dataset)
     validate_across_splits(predictions)
-    return write_npz_atomically(_npz_path(out_path), submission_arrays(predictions))
+    return write_npz_atomically(out_path, submission_arrays(predictions))
 
 
 def load_prediction_file(split: str, path: Path) -> SplitPredictions:
@@ -219,11 +226,9 @@ def submission_arrays(predictions: list[SplitPredictions]) -> dict[str, np.ndarr
 
 def write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """``np.savez_compressed(path, **arrays)``, all or nothing (see :func:`.replaced_atomically`)."""
-    if path.is_dir():
-        raise SubmissionError(f"--out-path is a folder: {path}")
-    with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
-        np.savez_compressed(file, **arrays)
-    return path
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes_atomically(path, buffer.getvalue())
 
 
 def _required_splits(split_paths: Mapping[str, object], dataset: str) -> tuple[str, ...]:
