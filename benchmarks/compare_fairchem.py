@@ -193,8 +193,8 @@ def _matmul_rates(threads, device, queue):
     n = 8192 if device.startswith("cuda") else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     gemms = {"torch": lambda: a @ b}
-    if not device.startswith("cuda") and dense.ONEDNN:
-        gemms["onednn"] = lambda: dense.mm(a, b)
+    if not device.startswith("cuda") and dense.ONEDNN_AVAILABLE:
+        gemms["onednn"] = lambda: dense._onednn_linear(a, b.T, None)
     rates = {}
     for name, product in gemms.items():
         product()
@@ -204,7 +204,8 @@ def _matmul_rates(threads, device, queue):
             synchronize(device)
 
         rates[name] = 2 * n**3 / min(_timed(gemm) for _ in range(5)) / 1e9
-    queue.put(rates)
+    route = None if device.startswith("cuda") else dense.matmul_route()
+    queue.put((rates, route and (route.route, str(route))))
 
 
 def _timed(fn) -> float:
@@ -324,9 +325,14 @@ def main(argv=None):
     memory = "peak CUDA memory" if dev.startswith("cuda") else "peak RSS"
     print(f"EquiformerV2 {args.shape}: {args.structures} structures of ~{args.atoms} atoms, {where}, median of {args.repeats}; "
           f"GB = {memory}" + ("; fairchem keeps freed memory too" if args.fairchem_keeps_freed_memory else ""))
-    print(f"{'mode':10s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s} {'ratio':>6s}")
-    rates = _in_subprocess(_matmul_rates, args.threads, dev)
+    rates, route = _in_subprocess(_matmul_rates, args.threads, dev)
     rate = max(rates.values())  # the limit: the fastest dense GEMM this machine has
+    if route is not None:  # every measurement process takes the route chosen here
+        from fairchem_equiformerv2.nn.dense import CPU_MATMUL_ENV
+
+        os.environ[CPU_MATMUL_ENV] = route[0]
+        print(f"our CPU float32 matmul route: {route[1]}", flush=True)
+    print(f"{'mode':10s} {'fairchem s':>11s} {'ours s':>9s} {'ratio':>7s} {'fairchem GB':>12s} {'ours GB':>8s} {'ratio':>6s}")
     for mode in args.modes.split(","):
         r = {impl: measure(impl, args.shape, args.atoms, args.structures, mode, args.repeats, args.threads, dev)
              for impl in ("fairchem", "ours")}

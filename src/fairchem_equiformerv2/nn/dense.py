@@ -2,35 +2,43 @@
 
 torch sends a CPU float32 ``mm``/``linear`` to its BLAS, MKL in the PyPI wheels. MKL picks its code by
 CPU vendor: on AMD CPUs it runs AVX2 code even where the CPU has AVX-512. oneDNN, which torch bundles
-as well (``torch.ops.mkldnn._linear_pointwise``), picks its code by instruction set. Measured on this
-project's CPU machines (AMD EPYC, Zen 5, 2 threads), for the shapes of the SO(2) convolutions
-(``[1520, 1280] x [1280, 896]`` and the like, transposed operands included): 210-230 GFLOP/s
-through MKL, 450-500 through oneDNN, equal to float32 rounding. On Intel CPUs MKL runs AVX-512 as
-well, so the gain there should be small (not measured: this project's machines are AMD).
+as well (``torch.ops.mkldnn._linear_pointwise``), picks its code by instruction set. On an AMD EPYC
+(Zen 5, 2 threads), for the shapes of the SO(2) convolutions (``[1520, 1280] x [1280, 896]`` and the
+like, transposed operands included): 210-230 GFLOP/s through MKL, 450-500 through oneDNN, equal to
+float32 rounding. On an Intel Xeon with AVX-512, MKL was the faster route (a 31M training step 4.13 s
+against 4.40 s through oneDNN).
 
-:func:`mm`, :func:`linear` and :class:`Linear` take oneDNN for float32 CPU tensors outside autocast
-and ``torch.compile``, and torch's own ops otherwise (GPU, bf16 autocast, float64), so they are
-drop-in replacements. ``EQUIFORMERV2_CPU_MATMUL=torch`` turns oneDNN off (read at import).
+So the route is measured, not guessed from the vendor: at the first float32 CPU product,
+:func:`matmul_route` times both on a product of the SO(2) convolutions' size, interleaved, and keeps
+oneDNN only where it is at least :data:`ONEDNN_MARGIN` faster (once per process; the benchmark prints
+the choice). ``EQUIFORMERV2_CPU_MATMUL=onednn`` or ``=torch`` forces a route (read at import);
+``auto`` (the default) measures.
+
+:func:`mm`, :func:`linear` and :class:`Linear` take the chosen route for float32 CPU tensors outside
+autocast and ``torch.compile``, and torch's own ops otherwise (GPU, bf16 autocast, float64, empty
+operands), so they are drop-in replacements.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import statistics
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 CPU_MATMUL_ENV = "EQUIFORMERV2_CPU_MATMUL"
-CPU_MATMULS = ("onednn", "torch")
+CPU_MATMULS = ("auto", "onednn", "torch")
+ONEDNN_MARGIN = 0.05  # oneDNN is chosen only when its median time is at least 5% below torch's
 
 
-def _onednn_available() -> bool:
-    """The choice of :data:`CPU_MATMUL_ENV`, where this torch has the op and it gives ``a @ b`` (checked
-    on a small product: the op is internal to torch and could change)."""
-    choice = os.environ.get(CPU_MATMUL_ENV, "onednn")
-    if choice not in CPU_MATMULS:
-        raise ValueError(f"{CPU_MATMUL_ENV}={choice!r}: must be one of {CPU_MATMULS}")
-    if choice != "onednn" or not torch.backends.mkldnn.is_available():
+def _onednn_works() -> bool:
+    """Whether this torch has oneDNN's linear op and it gives ``a @ b`` (checked on a small product:
+    the op is internal to torch and could change)."""
+    if not torch.backends.mkldnn.is_available():
         return False
     a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4)
     try:
@@ -39,7 +47,80 @@ def _onednn_available() -> bool:
         return False
 
 
-ONEDNN = _onednn_available()
+def _requested_route() -> str:
+    choice = os.environ.get(CPU_MATMUL_ENV, "auto")
+    if choice not in CPU_MATMULS:
+        raise ValueError(f"{CPU_MATMUL_ENV}={choice!r}: must be one of {CPU_MATMULS}")
+    return choice
+
+
+ONEDNN_AVAILABLE = _onednn_works()
+REQUESTED_ROUTE = _requested_route()
+
+
+@dataclass(frozen=True)
+class MatmulRoute:
+    """The CPU float32 route chosen for this process: ``"onednn"`` or ``"torch"``, why, and the median
+    seconds of each route on the probe product when it was measured."""
+
+    route: str
+    reason: str
+    onednn_s: float | None = None
+    torch_s: float | None = None
+
+    def __str__(self) -> str:
+        timing = ""
+        if self.onednn_s is not None:
+            timing = f" (oneDNN {self.onednn_s * 1e3:.2f} ms, torch {self.torch_s * 1e3:.2f} ms per probe product)"
+        return f"{self.route}: {self.reason}{timing}"
+
+
+def _measure_route(rows: int = 1536, inner: int = 768, cols: int = 512, rounds: int = 9) -> MatmulRoute:
+    """Time both routes on ``[rows, inner] x [inner, cols]`` (an SO(2) convolution's size), alternating
+    them ``rounds`` times so that both see the same load; the medians decide."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=generator)
+    weight = torch.randn(cols, inner, generator=generator)
+    routes = {"onednn": lambda: _onednn_linear(a, weight, None), "torch": lambda: nn.functional.linear(a, weight)}
+    times = {name: [] for name in routes}
+    for name in routes:  # warm-up: first calls allocate and pick kernels
+        routes[name]()
+    for _ in range(rounds):
+        for name, product in routes.items():
+            start = time.perf_counter()
+            product()
+            times[name].append(time.perf_counter() - start)
+    onednn_s, torch_s = statistics.median(times["onednn"]), statistics.median(times["torch"])
+    faster = onednn_s <= (1 - ONEDNN_MARGIN) * torch_s
+    reason = f"measured on {torch.get_num_threads()} thread(s)"
+    return MatmulRoute("onednn" if faster else "torch", reason, onednn_s, torch_s)
+
+
+_ROUTE: MatmulRoute | None = None
+
+
+def matmul_route() -> MatmulRoute:
+    """The CPU float32 matmul route of this process, measured at the first call unless
+    :data:`CPU_MATMUL_ENV` forces one or oneDNN is missing."""
+    global _ROUTE
+    if _ROUTE is None:
+        if not ONEDNN_AVAILABLE:
+            _ROUTE = MatmulRoute("torch", "this torch has no usable oneDNN linear op")
+        elif REQUESTED_ROUTE != "auto":
+            _ROUTE = MatmulRoute(REQUESTED_ROUTE, f"{CPU_MATMUL_ENV}={REQUESTED_ROUTE}")
+        else:
+            _ROUTE = _measure_route()
+        logging.info("CPU float32 matmul route: %s", _ROUTE)
+    return _ROUTE
+
+
+#: Tests set this to True or False to force a route; None: :func:`matmul_route` decides.
+ONEDNN: bool | None = None
+
+
+def onednn_route() -> bool:
+    """Whether float32 CPU products go through oneDNN in this process."""
+    return ONEDNN if ONEDNN is not None else matmul_route().route == "onednn"
 
 
 def _linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -48,7 +129,7 @@ def _linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int
 
 # For torch's FlopCounterMode, which does not know oneDNN's op:
 # ``FlopCounterMode(custom_mapping=FLOP_FORMULAS)`` counts these products as it counts ``mm``.
-FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if ONEDNN else {}
+FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if ONEDNN_AVAILABLE else {}
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:
@@ -56,10 +137,10 @@ def uses_onednn(*tensors: torch.Tensor) -> bool:
     has no primitive for a product of zero rows: a batch without edges), autocast off and not under
     ``torch.compile``."""
     return (
-        ONEDNN
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in tensors)
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and onednn_route()
     )
 
 
