@@ -17,6 +17,7 @@ from torch import nn
 
 from ..so3.grid import S2Grid
 from .dense import mm, uses_onednn
+from .plain_autograd import is_plain, lean_autograd
 from .precision import autocast_off
 from .scatter import row_slices
 
@@ -63,7 +64,7 @@ def grid_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -
     # autocast does not handle
     with autocast_off(x):
         to_grid, from_grid = to_grid.to(x.dtype), from_grid.to(x.dtype)
-        if torch.compiler.is_compiling():  # the compiler fuses and plans memory itself
+        if torch.compiler.is_compiling() or is_plain():  # the compiler fuses and plans memory itself
             return from_grid @ nn.functional.silu(to_grid @ x)
         return _grid_silu(x, to_grid, from_grid)
 
@@ -196,7 +197,7 @@ class S2Activation(nn.Module):
 
     def forward(self, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         to_grid, from_grid = self.grid.to_grid_mat, self.grid.from_grid_mat[first_row:]
-        if torch.is_grad_enabled() and x.requires_grad:
+        if lean_autograd() and x.requires_grad:
             return _GridSiLU.apply(x, to_grid, from_grid)
         return grid_silu(x, to_grid, from_grid)
 

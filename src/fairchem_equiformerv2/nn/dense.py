@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .plain_autograd import is_plain
+
 CPU_MATMUL_ENV = "EQUIFORMERV2_CPU_MATMUL"
 CPU_MATMULS = ("auto", "onednn", "torch")
 ONEDNN_MARGIN = 0.05  # oneDNN is chosen only when its median time is at least 5% below torch's
@@ -135,11 +137,12 @@ FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: _linear_flops} if ONEDNN_AV
 def uses_onednn(*tensors: torch.Tensor) -> bool:
     """Whether a product of ``tensors`` goes through oneDNN: all float32 on the CPU and not empty (oneDNN
     has no primitive for a product of zero rows: a batch without edges), autocast off and not under
-    ``torch.compile``."""
+    ``torch.compile`` nor in :func:`.plain_autograd.plain_autograd`."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() for t in tensors)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not is_plain()  # autograd cannot differentiate oneDNN's products
         and onednn_route()
     )
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..so3.layout import degree_of_coefficients
+from .plain_autograd import lean_autograd
 
 
 def so3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class SO3Linear(nn.Module):
         self.register_buffer("degree", degree_of_coefficients(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if lean_autograd():
             return _SO3Linear.apply(x, self.weight, self.bias, self.degree)
         return so3_linear(x, self.weight, self.bias, self.degree)  # [N, F, out]
 

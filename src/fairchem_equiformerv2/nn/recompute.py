@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .plain_autograd import lean_autograd
+
 
 class _ViewOfRecomputed:
     """What is kept instead of a view of the recomputed tensor: where the view lies in it."""
@@ -33,7 +35,7 @@ def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[[], torch.T
     view of it for backward keep a note instead; backward calls ``recompute()`` (which must return
     ``tensor``'s values in its layout) the first time one of them needs it. A no-op context when not
     ``enabled``, without gradients or under ``torch.compile``."""
-    if not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not enabled or not lean_autograd() or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     # the hooks are methods of an object that does not hold them: a hooks object holding its own
     # bound methods is a reference cycle, and the recomputed tensor would outlive the backward pass

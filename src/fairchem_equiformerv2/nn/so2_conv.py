@@ -19,6 +19,7 @@ from torch import nn
 
 from ..so3.layout import EdgeLayout
 from .dense import Linear, linear, mm
+from .plain_autograd import lean_autograd
 from .precision import autocast_off
 from .radial import RadialMLP
 
@@ -81,7 +82,7 @@ def radial_linear(layer: nn.Linear, x: torch.Tensor, radial: Radial | None) -> t
     memory-lean in training."""
     if radial is None:
         return layer(x)
-    if torch.is_grad_enabled():
+    if lean_autograd():
         return _RadialLinear.apply(x, *radial, layer.weight, layer.bias)
     return layer(x * radial_weights(*radial))
 
@@ -160,7 +161,7 @@ class SO2MConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, radial: Radial | None = None) -> torch.Tensor:
         """``x [E, 2, D * C_in]``, optional radial weights ``radial = (h, rw, rb)`` (``w [E, D * C_in]``)."""
-        if torch.is_grad_enabled():
+        if lean_autograd():
             y = _ComplexLinear.apply(x, *(radial or (None,) * 3), self.fc.weight)
         else:
             y = complex_linear(x, None if radial is None else radial_weights(*radial), self.fc.weight)

@@ -16,6 +16,16 @@ choice makes two evaluations of the same atoms differ slightly. :func:`edge_fram
   within ~25 degrees of ``h0`` (``|x . h0| > 0.9``). The result depends only on the edge vector, so
   repeated evaluations are bit-identical; and since ``h0`` lines up with no crystal axis, symmetric
   structures do not sit on the switch, where rounding could flip the choice.
+
+Differentiability (``differentiable=True``, for forces as gradients of the energy). With a fixed
+helper, ``x cross h`` vanishes for edges along ``+-h``: the frame is singular there, and no choice of
+a helper that varies continuously with ``x`` avoids a singular direction somewhere (the hairy-ball
+theorem). The deterministic frame never meets it: ``h0`` serves only edges at least ~25 degrees from
+``+-h0``, and ``h1`` (about 87 degrees from ``h0``) only edges within ~26 degrees of ``+-h0``, so every
+edge's ``|x cross h|`` is at least ~0.44 and the frame is a smooth function of ``x`` with bounded
+derivatives on each side of the switch (the switch itself is a cone, |x . h0| = 0.9, of zero measure:
+there the energy steps by the S2 grid's roll error, as it did before). The random frame's helper is
+likewise kept away from the edge. Frames are detached unless ``differentiable`` is set.
 """
 from __future__ import annotations
 
@@ -54,7 +64,10 @@ def _fixed_helper(x: torch.Tensor) -> torch.Tensor:
 
 
 def edge_frames(
-    edge_vec: torch.Tensor, random: bool = False, generator: torch.Generator | None = None
+    edge_vec: torch.Tensor,
+    random: bool = False,
+    generator: torch.Generator | None = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Rotations ``[E, 3, 3]`` with ``R @ edge_vec[e] / |edge_vec[e]| = (0, 1, 0)``.
 
@@ -62,9 +75,11 @@ def edge_frames(
         edge_vec: ``[E, 3]`` edge vectors (need not be normalised; must be non-zero).
         random: draw the roll about the edge at random (see module docstring).
         generator: random stream for ``random=True``.
+        differentiable: keep the autograd graph to ``edge_vec`` (else the frames are detached).
     """
     x = _normalize(edge_vec)
     h = _random_helper(x, generator) if random else _fixed_helper(x)
     z = _normalize(torch.cross(x, h, dim=1))
     y = _normalize(torch.cross(x, z, dim=1))
-    return torch.stack((z, x, -y), dim=1).detach()
+    frames = torch.stack((z, x, -y), dim=1)  # [E, 3, 3]
+    return frames if differentiable else frames.detach()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import EdgeLayout
+from .smooth_wigner import smooth_wigner_d
 from .wigner import wigner_d
 
 
@@ -29,11 +30,16 @@ class EdgeRotation:
     from_edge: torch.Tensor
 
     @classmethod
-    def from_frames(cls, frames: torch.Tensor, layout: EdgeLayout) -> EdgeRotation:
-        """Matrices for the edge frames ``frames [E, 3, 3]`` (see :func:`.frames.edge_frames`)."""
-        to_edge = wigner_d(frames, layout.lmax, rows=layout.index.to(frames.device))  # [E, K, F]
+    def from_frames(cls, frames: torch.Tensor, layout: EdgeLayout, differentiable: bool = False) -> EdgeRotation:
+        """Matrices for the edge frames ``frames [E, 3, 3]`` (see :func:`.frames.edge_frames`): detached,
+        or with ``differentiable`` through :func:`.smooth_wigner.smooth_wigner_d`, whose derivative with
+        respect to the frames exists everywhere."""
+        wigner = smooth_wigner_d if differentiable else wigner_d
+        to_edge = wigner(frames, layout.lmax, rows=layout.index.to(frames.device))  # [E, K, F]
         from_edge = to_edge.transpose(1, 2) * layout.rescale.to(device=frames.device, dtype=frames.dtype)
-        return cls(to_edge.detach().contiguous(), from_edge.detach().contiguous())
+        if not differentiable:
+            to_edge, from_edge = to_edge.detach(), from_edge.detach()
+        return cls(to_edge.contiguous(), from_edge.contiguous())
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x [E, (lmax+1)**2, C]`` (l-major) -> ``[E, K, C]`` (m-major, in the edge frame), in ``x``'s dtype."""
