@@ -1,7 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV2 ?= .venv-fairchem2
+PY2 := $(VENV2)/bin/python
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo bench setup-fairchem2 test-fairchem2
 
 setup:            ## fresh machine -> working environment in .venv
 	bash scripts/setup.sh
@@ -16,3 +18,9 @@ demo:             ## the main job on the bundled tiny default: data -> train -> 
 
 bench:            ## speed and memory against fairchem's own EquiformerV2
 	$(PY) benchmarks/compare_fairchem.py
+
+setup-fairchem2:  ## the second environment, for fairchem-core 2.x, in .venv-fairchem2 (torch 2.13)
+	VENV2=$(VENV2) bash scripts/setup_fairchem2.sh
+
+test-fairchem2:   ## the fairchem 2.x suite (tests_fairchem2/) in .venv-fairchem2
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY2) -m pytest -q -W ignore::DeprecationWarning tests_fairchem2

@@ -36,8 +36,8 @@ if ! "$PY" -c "import torch_scatter, torch_sparse" 2>/dev/null; then
     pip_install --no-build-isolation "torch-scatter==2.1.2" "torch-sparse==0.6.18"
 fi
 
-echo "==> installing fairchem-equiformerv2 with dev extras"
-pip_install -e ".[dev]"
+echo "==> installing fairchem-equiformerv2 with its fairchem 1.x and dev extras"
+pip_install -e ".[fairchem1,dev]"
 
 "$PY" - <<'PY'
 import fairchem.core, torch, torch_scatter, torch_sparse, e3nn

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Build the second environment, for fairchem-core 2.x, in ./.venv-fairchem2 (or $VENV2):
-#   torch 2.13.0 (the CPU wheel pip finds on this machine's disk; installed first and explicitly,
-#   since a bare `torch` requirement could pull a multi-GB CUDA build), fairchem-core 2.x, pytest,
-#   and this plugin. fairchem 1.x and 2.x cannot share one environment: scripts/setup.sh builds the
-#   1.10 one in ./.venv.
-#
-# The plugin is installed with --no-deps for now: its pyproject pins fairchem-core<2, torch<2.5,
-# numpy<2, ase<3.24, scipy<1.17 and lmdb<2, none of which fit fairchem-core 2.x.
+#   torch 2.13.0 (installed first and explicitly, since a bare `torch` requirement could pull a
+#   multi-GB CUDA build; TORCH2_SPEC=... for another build), fairchem-core 2.x, pytest, and this
+#   plugin with its fairchem2 extra. fairchem 1.x and 2.x cannot share one environment:
+#   scripts/setup.sh builds the 1.10 one in ./.venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +29,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] 
     pip_install "$TORCH2_SPEC"
 fi
 
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
+
 # fairchem-core 2.x with torch held at the version just installed (a constraint, so pip can only
 # keep it). Skipped when the installed fairchem-core already satisfies the spec.
 if ! "$PY" - "$FAIRCHEM2_SPEC" <<'PY' 2>/dev/null
@@ -43,24 +44,18 @@ sys.exit(0 if req.specifier.contains(version(req.name), prereleases=True) else 1
 PY
 then
     echo "==> installing $FAIRCHEM2_SPEC (torch held at $TORCH2_SPEC)"
-    constraints=$(mktemp)
-    trap 'rm -f "$constraints"' EXIT
-    "$PY" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
     pip_install -c "$constraints" "$FAIRCHEM2_SPEC" pytest pytest-timeout
 fi
 
-# TODO: install with extras once pyproject splits its fairchem 1.x / 2.x dependencies.
-echo "==> installing fairchem-equiformerv2 (editable, --no-deps: its pins are fairchem 1.x's)"
-pip_install -q -e . --no-deps
+echo "==> installing fairchem-equiformerv2 with its fairchem2 extra (torch held)"
+pip_install -q -c "$constraints" -e ".[fairchem2]"
 
 "$PY" - <<'PY'
 from importlib.metadata import version
 import fairchem.core, torch, numpy, ase
+import fairchem_equiformerv2
+assert fairchem_equiformerv2.EquiformerV2Backbone.__module__ == "fairchem_equiformerv2.fairchem2"
 print(f"fairchem 2.x environment ready: torch {torch.__version__}, "
       f"fairchem-core {fairchem.core.__version__}, numpy {numpy.__version__}, ase {ase.__version__}, "
-      f"fairchem-equiformerv2 {version('fairchem-equiformerv2')} (installed)")
-try:  # TODO: make this a hard check once the fairchem 2.x adapter exists
-    import fairchem_equiformerv2  # noqa: F401
-except ImportError as e:
-    print(f"note: fairchem_equiformerv2 does not import on fairchem 2.x yet: {e}")
+      f"fairchem-equiformerv2 {version('fairchem-equiformerv2')}")
 PY

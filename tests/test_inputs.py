@@ -34,7 +34,7 @@ from fairchem_equiformerv2.errors import ConfigError, ElementError, InputError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ENERGY_TOLERANCE, FORCE_TOLERANCE = 1e-5, 1e-4  # relative, float32, as the checkpoint parity tests
-ABSOLUTE = 1e-6  # eV, eV/A
+ABSOLUTE = 1e-5  # eV, eV/A: float32 rounding of edge terms that cancel by symmetry (lone atoms in a periodic cell)
 A2G = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_edges=False, r_pbc=True)
 SHAPE = {"lmax_list": [3], "mmax_list": [2]}
 HEADS = {"energy": {}, "forces": {}}

@@ -226,13 +226,13 @@ def test_bf16_autocast_computes_attention_logits_in_float32(monkeypatch):
         seen.setdefault("invariants", out[1])
 
     block.so2_conv_1.register_forward_hook(record_invariants)
-    real_softmax = attention.softmax
+    real_softmax = attention.segment_softmax
 
     def recording_softmax(src, *args, **kwargs):
         seen.setdefault("logits", src)
         return real_softmax(src, *args, **kwargs)
 
-    monkeypatch.setattr(attention, "softmax", recording_softmax)
+    monkeypatch.setattr(attention, "segment_softmax", recording_softmax)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m(to_batch(default_structures()))

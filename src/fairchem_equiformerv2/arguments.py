@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from .errors import ConfigError
 
@@ -66,11 +66,11 @@ def optional(rule: Rule) -> Rule:
 
 
 def integer_list(minimum: int) -> Rule:
-    """A non-empty list of whole numbers ``>= minimum``."""
+    """A non-empty list of whole numbers ``>= minimum`` (any sequence: hydra passes a ``ListConfig``)."""
     element = integer(minimum)
 
     def rule(value):
-        if not isinstance(value, (list, tuple)) or not value:
+        if isinstance(value, str) or not isinstance(value, Sequence) or not value:
             return f"must be a non-empty list of whole numbers, not {type(value).__name__}"
         problems = [element(v) for v in value]
         return next((f"entry {v!r} {p}" for v, p in zip(value, problems) if p), None)

@@ -1,8 +1,14 @@
-"""The EquiformerV2 backbone as a fairchem ``BackboneInterface``.
+"""The EquiformerV2 backbone's computation, on torch alone.
 
 structure batch -> graph (:mod:`.graph`: periodic along each structure's periodic directions) -> edge
-frames and their Wigner-D
--> atom embedding + edge-degree embedding -> ``num_layers`` blocks -> final norm -> node features.
+frames and their Wigner-D -> atom embedding + edge-degree embedding -> ``num_layers`` blocks -> final
+norm -> node features.
+
+This module imports nothing from fairchem. fairchem sees the backbone through an adapter, a subclass
+that adds fairchem's ``BackboneInterface`` and its neighbour search (:attr:`radius_search`):
+:mod:`.fairchem1` for fairchem-core 1.x, :mod:`.fairchem2` for 2.x. Both read the same batch fields
+(``pos``, ``cell``, ``pbc``, ``atomic_numbers``, ``natoms``, ``batch``) and hold the same weights, so
+one checkpoint's tensors load in either.
 
 The constructor takes every argument of fairchem's ``equiformer_v2_backbone`` with the same meaning
 and default, so a fairchem config runs by changing only the class name. Two more: ``edge_roll``
@@ -12,21 +18,22 @@ equivariant modules (fairchem 1.x's trainers have no compile switch of their own
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
-from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .arguments import check_arguments, flag, integer, integer_list, optional, real, text
 from .cpu_memory import keep_freed_memory
 from .errors import ConfigError, ElementError, InputError
-from .graph import GraphSettings, build_graph
+from .graph import GraphSettings, RadiusSearch, build_graph
 from .nn.attention import GraphAttention
 from .nn.block import EquiformerV2Block
 from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
 from .nn.feed_forward import FeedForward
 from .nn.norm import NORM_TYPES, make_norm
+from .nn.plain_autograd import plain_autograd
 from .nn.precision import autocast_off
 from .nn.radial import EdgeTypeEmbedding, GaussianBasis
 from .so3.frames import edge_frames
@@ -86,7 +93,7 @@ def ffn_activation_kind(use_gate_act: bool, use_grid_mlp: bool, use_sep_s2_act: 
     return attention_activation(use_gate_act, use_sep_s2_act)
 
 
-class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
+class EquiformerV2Backbone(nn.Module):
     """EquiformerV2 (Liao, Wood, Das, Smidt, ICLR 2024).
 
     Forward: a fairchem batch -> ``{"node_embedding": [N, (lmax+1)**2, sphere_channels],
@@ -94,7 +101,13 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     See fairchem's ``equiformer_v2_backbone`` for the arguments; ``edge_roll`` is one of
     ``"random_when_training"`` (default: the published random roll in training, a deterministic one
     in evaluation), ``"random"`` or ``"deterministic"``.
+
+    The adapters set :attr:`radius_search` to their fairchem's ``radius_graph_pbc``; this class alone
+    has none (it cannot build a graph).
     """
+
+    #: fairchem's neighbour search (see :data:`.graph.RadiusSearch`), a ``staticmethod`` set by the adapters
+    radius_search: RadiusSearch | None = None
 
     def __init__(
         self,
@@ -178,7 +191,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         )
         _check(edge_roll in EDGE_ROLLS, f"edge_roll={edge_roll!r}: must be one of {EDGE_ROLLS}")
         _check(
-            torch_compile is None or isinstance(torch_compile, (bool, dict)),
+            torch_compile is None or isinstance(torch_compile, (bool, Mapping)),
             f"torch_compile={torch_compile!r}: must be true, false or a mapping of torch.compile arguments "
             "(e.g. {mode: max-autotune-no-cudagraphs})",
         )
@@ -223,7 +236,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.edge_roll = edge_roll
         # torch.compile arguments for the equivariant modules (heads' blocks too); None: eager
         self.compile_options = None
-        if isinstance(torch_compile, dict):
+        if isinstance(torch_compile, Mapping):
             self.compile_options = {"dynamic": True, **torch_compile}
         elif torch_compile:
             self.compile_options = {"dynamic": True}
@@ -339,7 +352,26 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "wrong dtype for it; on the CPU run eager (torch_compile: false) or without autocast",
         )
 
+    def _search(self) -> RadiusSearch:
+        if self.radius_search is None:
+            raise TypeError(
+                f"{type(self).__name__} has no neighbour search: build the backbone through an adapter "
+                "(fairchem_equiformerv2.EquiformerV2Backbone picks the one for the installed fairchem)"
+            )
+        return self.radius_search
+
+    #: set by a head that differentiates the energy (:class:`.conservative.ConservativeHead`): then the
+    #: forward makes positions (and a strain) require grad before the graph, with differentiable frames
+    energy_gradients = None
+
     def forward(self, data) -> dict:
+        if self.energy_gradients is not None:  # forces (and stress) as gradients of the energy
+            with torch.enable_grad(), plain_autograd():
+                data, inputs = self.energy_gradients.prepare(data)
+                return {**self._embed(data), **inputs}
+        return self._embed(data)
+
+    def _embed(self, data) -> dict:
         atomic_numbers = self._check_input(data)
         if data.pos.device.type == "cpu":
             self._check_cpu_compile_autocast()
@@ -347,9 +379,10 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.
         with autocast_off(data.pos):
-            graph = build_graph(data, self.graph_settings)
-            frames = edge_frames(graph.edge_distance_vec, random=self.random_roll())
-            rotation = EdgeRotation.from_frames(frames, self.layout)
+            graph = build_graph(data, self.graph_settings, self._search())
+            differentiable = self.energy_gradients is not None
+            frames = edge_frames(graph.edge_distance_vec, random=self.random_roll(), differentiable=differentiable)
+            rotation = EdgeRotation.from_frames(frames, self.layout, differentiable=differentiable)
             edge_features = self.distance_expansion(graph.edge_distance)  # [E, basis]
         edge_index = graph.edge_index
         if self.shared_edge_types is not None:

@@ -161,7 +161,8 @@ HEAD_MODULES = {
     "equiformer_v2_force_head": "fairchem_equiformerv2.ForceHead",
     "rank2_symmetric_head": "fairchem_equiformerv2.StressHead",
 }
-PLUGIN_HEADS = frozenset(HEAD_MODULES.values())
+#: the plugin's heads: fairchem's equivalents, and ConservativeHead (energy and its gradients), which has none
+PLUGIN_HEADS = frozenset(HEAD_MODULES.values()) | {"fairchem_equiformerv2.ConservativeHead"}
 #: Task names fairchem 1.10 stores as ``config["trainer"]`` (``new_trainer_context``); they are
 #: not trainer names, so ``OCPCalculator(checkpoint_path=...)`` fails on them without ``trainer=``.
 TASK_NAMES_SAVED_AS_TRAINER = ("s2ef", "is2re", "ocp", "multitask")
@@ -506,8 +507,13 @@ def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
     return new
 
 
+#: ``convert_checkpoint(to=...)``: the fairchem major version the checkpoint is written for
+TARGETS = ("fairchem1", "fairchem2")
+
+
 def convert_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, *, trust: bool = False, overwrite: bool = False
+    src: str | os.PathLike, dst: str | os.PathLike, *, trust: bool = False, overwrite: bool = False,
+    to: str = "fairchem1", dataset: str = "oc20",
 ) -> Path:
     """Read a fairchem EquiformerV2 checkpoint and write one that uses the plugin's classes.
 
@@ -521,14 +527,26 @@ def convert_checkpoint(
     states are dropped (they are tied to fairchem's parameter order). A checkpoint that already
     uses the plugin is checked and gets a loadable trainer name (as :func:`fix_checkpoint`).
 
+    With ``to="fairchem2"`` the result is a fairchem 2.x inference checkpoint instead
+    (:mod:`.fairchem2_checkpoint`: ``load_predict_unit(dst)``, ``FAIRChemCalculator(...,
+    task_name=dataset)``), its tasks serving ``dataset``.
+
     Returns the path written. Raises :class:`CheckpointError` for anything it cannot convert.
     """
+    from .fairchem2_checkpoint import Fairchem2ConversionError, fairchem2_checkpoint, serialise
+
+    if to not in TARGETS:
+        raise CheckpointError(f"to={to!r}: must be one of {TARGETS}")
     src, dst = Path(src), Path(dst)
     check_destination(dst, [src], overwrite=overwrite, what="destination", error=CheckpointError)
     checkpoint = read_checkpoint(src, trust=trust)
     try:
         new = convert_checkpoint_dict(checkpoint)
-    except CheckpointError as e:
+        if to == "fairchem2":
+            names = trainable_parameter_names(build_model(new["config"]["model"]))
+            write_bytes_atomically(dst, serialise(fairchem2_checkpoint(new, names, dataset)))
+            return dst
+    except (CheckpointError, Fairchem2ConversionError) as e:
         raise CheckpointError(f"{src}: {e}") from None
     _atomic_save(new, dst)
     return dst

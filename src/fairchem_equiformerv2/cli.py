@@ -215,16 +215,28 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         "checkpoints, or the hydra backbone/heads layout) and write a fairchem checkpoint whose config names "
         "the plugin's backbone and heads, with the weights and EMA mapped and normalizers and element "
         "references kept. fairchem's OCPCalculator(checkpoint_path=DST) loads the result. Any key that does not "
-        "map, or a weight that does not fit the config, is an error that lists them.",
+        "map, or a weight that does not fit the config, is an error that lists them. With --to fairchem2 it "
+        "writes a fairchem 2.x inference checkpoint instead (load_predict_unit, FAIRChemCalculator); run it "
+        "where fairchem 1.x is installed, which reads the old checkpoints.",
         epilog=_examples(
             "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_plugin.pt",
             "fairchem-eqv2 convert-checkpoint old_ocp.pt new.pt --trust --force   # a file you trust, replacing new.pt",
+            "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_fairchem2.pt --to fairchem2 --dataset oc20",
         ),
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", help="fairchem checkpoint (.pt)")
     parser.add_argument("dst", metavar="DST", help="checkpoint to write")
     _add_force(parser, "DST")
+    parser.add_argument(
+        "--to", choices=["fairchem1", "fairchem2"], default="fairchem1",
+        help="the fairchem the checkpoint is for: fairchem1 (OCPCalculator, fairchem --mode ...) or fairchem2 "
+        "(load_predict_unit, FAIRChemCalculator) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset", default="oc20", metavar="NAME",
+        help="with --to fairchem2: the dataset name its tasks serve, FAIRChemCalculator's task_name (default: %(default)s)",
+    )
     parser.add_argument(
         "--trust", action="store_true",
         help="unpickle SRC fully (torch.load without weights_only) when it holds Python objects other than "
@@ -236,7 +248,10 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 def _run_convert_checkpoint(args: argparse.Namespace) -> None:
     from .checkpoints import convert_checkpoint
 
-    print(f"wrote {convert_checkpoint(args.src, args.dst, trust=args.trust, overwrite=args.force)}")
+    path = convert_checkpoint(
+        args.src, args.dst, trust=args.trust, overwrite=args.force, to=args.to, dataset=args.dataset
+    )
+    print(f"wrote {path}")
 
 
 def _add_fix_checkpoint(subparsers: argparse._SubParsersAction) -> None:

@@ -13,11 +13,13 @@ zero (ASE's default for a molecule or a slab built without vacuum). For the neig
 singular cell is completed with unit vectors orthogonal to the periodic ones (:func:`search_cell`);
 the images searched along the periodic directions, and so the graph, are those of the real cell.
 
-The search is fairchem's ``radius_graph_pbc`` (the same edges, in the same order, as fairchem's
-EquiformerV2 on every batch that fairchem's model runs), once per group of structures that share
-their periodic directions. fairchem's own graph refuses a batch that mixes them, reads only the first
-structure's flags of a flat ``pbc``, needs torch_cluster or pyg-lib for a non-periodic batch and
-cannot handle a singular cell; this module does all four.
+The search itself is fairchem's ``radius_graph_pbc`` (the same edges, in the same order, as fairchem's
+EquiformerV2 on every batch that fairchem's model runs), which each adapter passes in as a
+:data:`RadiusSearch` (fairchem 1.x and 2.x have one each, with one signature): this module imports no
+fairchem. It runs once per group of structures that share their periodic directions. fairchem's own
+graph refuses a batch that mixes them, reads only the first structure's flags of a flat ``pbc``, needs
+torch_cluster or pyg-lib for a non-periodic batch and cannot handle a singular cell; this module does
+all four.
 
 Atoms closer than :data:`MIN_DISTANCE` (their nearest periodic images included) are refused by
 :func:`check_no_close_pairs`: fairchem's search silently drops such pairs, which would leave two
@@ -25,14 +27,18 @@ atoms in one place that do not see each other.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from fairchem.core.common.utils import radius_graph_pbc
-from fairchem.core.models.base import GraphData
 
 from .errors import InputError
+
+#: fairchem's ``radius_graph_pbc(data, radius, max_neighbors, enforce_max_neighbors_strictly)`` ->
+#: ``(edge_index [2, E], cell_offsets [E, 3], neighbors [B])``, reading ``data.pos``, ``data.natoms``,
+#: ``data.cell`` and ``data.pbc``.
+RadiusSearch = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 #: Pairs at or below this distance (A) are dropped by fairchem's neighbour search; we refuse them.
 MIN_DISTANCE = 0.01
@@ -165,6 +171,24 @@ def check_no_close_pairs(pos: torch.Tensor, cell: torch.Tensor, periodic: torch.
 
 
 @dataclass
+class Graph:
+    """A batch's radius graph, with the field names of fairchem's ``GraphData``: ``edge_index [2, E]``
+    (source, target), ``edge_distance [E]``, ``edge_distance_vec [E, 3]`` (``pos[source] - pos[target]
+    + offset``), ``cell_offsets [E, 3]`` (whole cells), ``offset_distances [E, 3]`` (the offset in A),
+    ``neighbors [B]`` (edges per structure), ``batch_full [N]``, ``atomic_numbers_full [N]``."""
+
+    edge_index: torch.Tensor
+    edge_distance: torch.Tensor
+    edge_distance_vec: torch.Tensor
+    cell_offsets: torch.Tensor
+    offset_distances: torch.Tensor
+    neighbors: torch.Tensor
+    batch_full: torch.Tensor
+    atomic_numbers_full: torch.Tensor
+    node_offset: int = 0
+
+
+@dataclass
 class GraphSettings:
     """The backbone's graph arguments, as fairchem names them."""
 
@@ -176,8 +200,9 @@ class GraphSettings:
     enforce_max_neighbors_strictly: bool
 
 
-def build_graph(data, settings: GraphSettings) -> GraphData:
-    """The radius graph of a fairchem batch, checked for atoms too close together.
+def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
+    """The radius graph of a fairchem batch (1.x ``Batch`` or 2.x ``AtomicData``), checked for atoms too
+    close together; ``search`` is the installed fairchem's ``radius_graph_pbc``.
 
     Edge vectors ``pos[source] - pos[target] + offset`` and lengths come in ``data.pos``'s dtype; the
     search itself runs in float32 (fairchem's). ``edge_index [2, E]`` is ``(source, target)``.
@@ -195,26 +220,25 @@ def build_graph(data, settings: GraphSettings) -> GraphData:
         if cell_offsets is None:
             cell_offsets = pos.new_zeros(edge_index.shape[1], 3)
     else:
-        edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings)
+        edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings, search)
 
     source, target = edge_index
     vec = pos[source] - pos[target]
     offsets = torch.bmm(cell_offsets.to(pos.dtype).unsqueeze(1), cell[data.batch[source]]).squeeze(1)
     vec += offsets
-    return GraphData(
+    return Graph(
         edge_index=edge_index,
         edge_distance=vec.norm(dim=-1),
         edge_distance_vec=vec,
         cell_offsets=cell_offsets,
         offset_distances=offsets,
         neighbors=torch.bincount(data.batch[target], minlength=num_structures),
-        node_offset=0,
         batch_full=data.batch,
         atomic_numbers_full=data.atomic_numbers.long(),
     )
 
 
-def _search(pos, cell, periodic, natoms, settings: GraphSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(pos, cell, periodic, natoms, settings: GraphSettings, search: RadiusSearch) -> tuple[torch.Tensor, torch.Tensor]:
     """fairchem's ``radius_graph_pbc`` over groups of structures that share their periodic directions
     (each structure alone with ``use_pbc_single``, as fairchem). Returns ``edge_index [2, E]`` in the
     batch's atom numbering and ``cell_offsets [E, 3]``."""
@@ -232,9 +256,7 @@ def _search(pos, cell, periodic, natoms, settings: GraphSettings) -> tuple[torch
             pos=pos[atoms].float(), natoms=natoms[structures], cell=cell[structures].float(),
             pbc=periodic[structures[:1]],
         )
-        edge_index, cell_offsets, _ = radius_graph_pbc(
-            group, settings.cutoff, settings.max_neighbors, settings.enforce_max_neighbors_strictly
-        )
+        edge_index, cell_offsets, _ = search(group, settings.cutoff, settings.max_neighbors, settings.enforce_max_neighbors_strictly)
         edges.append(atoms[edge_index])
         offsets.append(cell_offsets)
     if len(groups) == 1:

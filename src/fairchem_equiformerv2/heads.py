@@ -1,8 +1,10 @@
-"""Output heads on the EquiformerV2 backbone, as fairchem ``HeadInterface`` modules.
+"""Output heads on the EquiformerV2 backbone: torch modules, made fairchem ``HeadInterface`` classes by the
+adapters (:mod:`.fairchem1`, :mod:`.fairchem2`).
 
 Each returns ``{output_name: tensor}``; with fairchem's ``hydra`` model the trainer finds it under
 ``outputs.<target>.property``. Heads build their blocks with the backbone's own builders, so they
-share its hyperparameters.
+share its hyperparameters. A head reads ``data.batch``, ``data.natoms`` and ``data.atomic_numbers``,
+which fairchem 1.x's ``Batch`` and 2.x's ``AtomicData`` both hold.
 
 * :class:`EnergyHead`: a feed-forward network to one invariant per atom, summed per structure and
   divided by ``avg_num_nodes`` (``reduce="sum"``), or averaged (``reduce="mean"``); plus per-element
@@ -15,15 +17,13 @@ from __future__ import annotations
 
 import torch
 from e3nn import o3
-from fairchem.core.models.base import HeadInterface
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.utils import scatter
 
 from .errors import ConfigError
 from .nn.norm import make_norm
 from .nn.precision import at_least_float32
-from .nn.scatter import gather_pairs
+from .nn.scatter import gather_pairs, segment_mean, segment_sum
 from .weight_init import init_weights
 
 
@@ -33,7 +33,7 @@ def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures:
     return values.new_zeros(num_structures, *values.shape[1:]).index_add_(0, batch, values)
 
 
-class EnergyHead(nn.Module, HeadInterface):
+class EnergyHead(nn.Module):
     """Energy per structure ``[B]``."""
 
     def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum"):
@@ -59,7 +59,7 @@ class EnergyHead(nn.Module, HeadInterface):
         return f"output_name={self.output_name!r}, reduce={self.reduce!r}, avg_num_nodes={self.avg_num_nodes}"
 
 
-class ForceHead(nn.Module, HeadInterface):
+class ForceHead(nn.Module):
     """Direct forces ``[N, 3]``: the ``l = 1`` output of a graph attention (``D^1(R) = R``, so
     these coefficients are Cartesian x, y, z)."""
 
@@ -102,11 +102,11 @@ class Rank2Block(nn.Module):
         edge_outer = features[:, :, None] * outer  # [E, C, 9]
         if self.edge_level:
             per_edge = self.r2tensor_MLP(edge_outer.transpose(1, 2)).squeeze(-1)  # [E, 9]
-            per_atom = scatter(per_edge, target, 0, dim_size=num_atoms, reduce="mean")
+            per_atom = segment_mean(per_edge, target, num_atoms)
         else:
-            per_atom = scatter(edge_outer, target, 0, dim_size=num_atoms, reduce="mean")  # [N, C, 9]
+            per_atom = segment_mean(edge_outer, target, num_atoms)  # [N, C, 9]
             per_atom = self.r2tensor_MLP(per_atom.transpose(1, 2)).squeeze(-1)  # [N, 9]
-        return scatter(per_atom, batch, 0, dim_size=num_structures, reduce="sum" if self.extensive else "mean")
+        return (segment_sum if self.extensive else segment_mean)(per_atom, batch, num_structures)
 
 
 class Rank2DecompositionBlock(nn.Module):
@@ -124,18 +124,16 @@ class Rank2DecompositionBlock(nn.Module):
         harmonics = o3.spherical_harmonics(2, edge_vec, normalize=True).detach()  # [E, 5]
         edge_irrep2 = harmonics[:, :, None] * features[:, None, :]  # [E, 5, C]
         if self.edge_level:
-            scalar = scatter(self.scalar_MLP(features), target, 0, dim_size=num_atoms, reduce="mean")
-            irrep2 = scatter(self.irrep2_MLP(edge_irrep2), target, 0, dim_size=num_atoms, reduce="mean")
+            scalar = segment_mean(self.scalar_MLP(features), target, num_atoms)
+            irrep2 = segment_mean(self.irrep2_MLP(edge_irrep2), target, num_atoms)
         else:
-            scalar = self.scalar_MLP(scatter(features, target, 0, dim_size=num_atoms, reduce="mean"))  # [N, 1]
-            irrep2 = self.irrep2_MLP(scatter(edge_irrep2, target, 0, dim_size=num_atoms, reduce="mean"))  # [N, 5, 1]
-        reduce = "sum" if self.extensive else "mean"
-        scalar = scatter(scalar.view(-1), batch, 0, dim_size=num_structures, reduce=reduce)
-        irrep2 = scatter(irrep2.view(-1, 5), batch, 0, dim_size=num_structures, reduce=reduce)
-        return scalar, irrep2
+            scalar = self.scalar_MLP(segment_mean(features, target, num_atoms))  # [N, 1]
+            irrep2 = self.irrep2_MLP(segment_mean(edge_irrep2, target, num_atoms))  # [N, 5, 1]
+        reduce = segment_sum if self.extensive else segment_mean
+        return reduce(scalar.view(-1), batch, num_structures), reduce(irrep2.view(-1, 5), batch, num_structures)
 
 
-class StressHead(nn.Module, HeadInterface):
+class StressHead(nn.Module):
     """Symmetric rank-2 tensor per structure (stress), as in fairchem's OMat24 EquiformerV2 models.
 
     Edge features are the target atom's node features (or source and target concatenated)

@@ -40,8 +40,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .backbone import ConfigError, EquiformerV2Backbone
-from .heads import ForceHead
+from .errors import ConfigError
+from .fairchem1 import EquiformerV2Backbone, ForceHead
 
 __all__ = [
     "NoisyNodesConfig", "LinearCoefficientSchedule", "Corruption", "draw_corruption", "relaxed_displacement",

@@ -14,7 +14,6 @@ import math
 
 import torch
 from torch import nn
-from torch_geometric.utils import softmax
 
 from ..so3.grid import S2Grid
 from ..so3.layout import EdgeLayout, degree_of_coefficients
@@ -24,7 +23,7 @@ from .linear import SO3Linear
 from .precision import at_least_float32, autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
 from .recompute import recomputed_in_backward
-from .scatter import gather_pairs, scatter_sum
+from .scatter import gather_pairs, scatter_sum, segment_softmax
 from .so2_conv import SO2Convolution
 
 ACTIVATIONS = ("separable_s2", "s2", "gate")
@@ -146,7 +145,7 @@ class GraphAttention(nn.Module):
         with autocast_off(logits):  # the logits in float32 (see precision.py): a small part of the work
             alpha = self.alpha_act(self.alpha_norm(at_least_float32(logits).view(-1, self.num_heads, self.alpha_channels)))
             alpha = torch.einsum("eha,ha->eh", alpha, self.alpha_dot)
-        alpha = softmax(alpha, target, num_nodes=x.shape[0])  # [E, heads]
+        alpha = segment_softmax(alpha, target, x.shape[0])  # [E, heads]
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
         value = value.view(value.shape[0], value.shape[1], self.num_heads, self.value_channels) * alpha[:, None, :, None]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .plain_autograd import is_plain, lean_autograd
 from .precision import accumulation_dtype, autocast_off, matmul_dtype
 
 EDGE_BLOCK_BYTES = 4 * 2**20
@@ -33,7 +34,7 @@ EDGE_BLOCK_BYTES = 4 * 2**20
 def edge_blocks(num_edges: int, row_bytes: int, device: torch.device) -> list[slice]:
     """Slices of ``num_edges`` rows of ``row_bytes`` each, about :data:`EDGE_BLOCK_BYTES` per slice
     on the CPU; one slice elsewhere."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
+    if device.type != "cpu" or torch.compiler.is_compiling() or is_plain():
         return [slice(0, num_edges)]
     return row_slices(num_edges, max(1, EDGE_BLOCK_BYTES // max(1, row_bytes)))
 
@@ -48,7 +49,7 @@ def gather_pairs(
 ) -> torch.Tensor:
     """``x [N, F, C]``, ``source, target [E]`` -> ``cat(x[source], x[target], -1)  [E, F, 2C]``; with
     ``rotation [E, K, F]``, times it per edge -> ``[E, K, 2C]`` (in autocast's dtype, as a ``bmm``)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if lean_autograd() and x.requires_grad:
         return _GatherPairs.apply(x, source, target, rotation)
     return _gather_pairs(x, source, target, rotation)
 
@@ -59,7 +60,7 @@ def scatter_sum(
     """``out[i] = sum of src[e] over e with index[e] == i``: ``src [E, K, C]``, ``index [E]`` ->
     ``[size, K, C]``; with ``rotation [E, F, K]``, of ``rotation[e] @ src[e]`` (a ``bmm`` in autocast's
     dtype) -> ``[size, F, C]``. Summed in float32 at least (see ``precision.py``)."""
-    if torch.is_grad_enabled() and src.requires_grad:
+    if lean_autograd() and src.requires_grad:
         return _ScatterSum.apply(src, index, size, rotation)
     return _scatter_sum(src, index, size, rotation)
 
@@ -154,3 +155,25 @@ class _ScatterSum(torch.autograd.Function):
             return grad.index_select(0, index), None, None, None
         grad = grad.to(ctx.matmul_dtype)  # the forward's bmm dtype, not the float32 of the sum
         return _rotated_gather(rotation.transpose(1, 2), grad, index), None, None, None  # [E, K, C]
+
+
+def segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``out[i] = sum of src[e] over e with index[e] == i``: ``src [E, ...]``, ``index [E]`` -> ``[size, ...]``
+    (no rotation, any trailing shape; :func:`scatter_sum` is the edge-message one)."""
+    return src.new_zeros(size, *src.shape[1:]).index_add_(0, index, src)
+
+
+def segment_mean(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """The mean of the rows of ``src [E, ...]`` that share ``index [E]`` -> ``[size, ...]``; 0 where none."""
+    count = torch.bincount(index, minlength=size).clamp_(min=1).to(src.dtype)
+    return segment_sum(src, index, size) / count.view(-1, *([1] * (src.dim() - 1)))
+
+
+def segment_softmax(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Softmax of ``src [E, H]`` over the rows that share ``index [E]`` (the edges into one atom): the
+    attention weights of EquiformerV2's graph attention (Sec. 3.2). Each group's maximum, taken without
+    gradient, is subtracted first, as it cancels; ``1e-16`` keeps empty sums finite."""
+    rows = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
+    maximum = src.new_full((size, *src.shape[1:]), float("-inf")).scatter_reduce_(0, rows, src.detach(), "amax")
+    out = (src - maximum[index]).exp()
+    return out / (segment_sum(out, index, size)[index] + 1e-16)  # [E, H]
