@@ -113,11 +113,13 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         description="Write small S2EF and IS2RE datasets labelled with ASE's EMT: "
         "OUT_DIR/{s2ef,is2re}/{train,val,test}/data.lmdb (+ metadata.npz) in fairchem's LMDB format (the OC20 "
         "format): adsorbates on fcc metal slabs, OC20 tags and fixed atoms. The same seed and sizes give "
-        "byte-identical files. About 30 s with the default sizes.",
+        "byte-identical files. About 30 s with the default sizes. With --format aselmdb: the S2EF splits as "
+        "ASE databases (OUT_DIR/s2ef/{train,val,test}/data.aselmdb + metadata.npz), which fairchem 2.x trains on.",
         epilog=_examples(
             "fairchem-eqv2 demo-data demo_data",
             "fairchem --mode train --config-yml configs/demo/s2ef.yml --cpu \\",
             "    --dataset.train.src=demo_data/s2ef/train --dataset.val.src=demo_data/s2ef/val",
+            "fairchem-eqv2 demo-data demo_data_fairchem2 --format aselmdb   # for fairchem 2.x",
         ),
         formatter_class=_HelpFormatter,
     )
@@ -130,6 +132,11 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
                 help=f"{task.upper()} {split} {unit} (default: %(default)s)",
             )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (for logs)")
+    parser.add_argument(
+        "--format", choices=["lmdb", "aselmdb"], default="lmdb",
+        help="lmdb: fairchem 1.x's LMDBs, S2EF and IS2RE; aselmdb: ASE databases of the S2EF frames, for "
+        "fairchem 2.x (default: %(default)s)",
+    )
     _add_force(parser, "the demo files in OUT_DIR")
     parser.set_defaults(handler=_run_demo_data)
 
@@ -144,6 +151,7 @@ def _run_demo_data(args: argparse.Namespace) -> None:
         is2re_sizes={split: getattr(args, f"num_is2re_{split}") for split in SPLITS},
         progress=not args.no_progress,
         overwrite=args.force,
+        format=args.format,
     )
     for task, splits in paths.items():
         for split, path in splits.items():

@@ -31,6 +31,12 @@ IS2RE only:
 IS2RE entries have no ``fid``: fairchem's ``predict`` names a prediction ``f"{sid}_{fid}"``
 when ``fid`` is present and ``f"{sid}"`` otherwise, and IS2RE submissions are keyed by sid.
 
+With ``format="aselmdb"`` (for fairchem 2.x's trainers, which read ASE databases) the S2EF splits
+are written as ``OUT/s2ef/{train,val,test}/data.aselmdb`` + ``metadata.npz`` instead: the same
+frames as ``ase.Atoms`` with their EMT energy and forces, tags, ``FixAtoms`` and ``sid``/``fid`` in
+``data``. (IS2RE is a fairchem 1.x task; it is not written in this format.) Only this format works
+without fairchem 1.x installed.
+
 The same ``seed`` (and sizes) gives byte-identical files: every system draws from its own
 generator ``numpy.random.default_rng([seed, task, split, system])``, so the sizes of one
 split do not change the contents of another.
@@ -41,18 +47,18 @@ import itertools
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from ase import Atoms
-from fairchem.core.preprocessing import AtomsToGraphs
-from torch_geometric.data import Data
-from tqdm import tqdm
 
 from .atomic import check_destination
 from .demo_structures import displaced, emt_relaxation, labelled, random_system
 from .errors import UserInputError
-from .lmdb_writer import write_lmdb, write_metadata
+
+if TYPE_CHECKING:  # fairchem 1.x's LMDB entries; imported where they are made, so that the
+    from torch_geometric.data import Data  # aselmdb format works in a fairchem 2.x environment
 
 TASKS: tuple[str, ...] = ("s2ef", "is2re")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -73,8 +79,13 @@ S2EF_RATTLE_STDEV = 0.08
 IS2RE_FMAX = 0.1
 IS2RE_MAX_STEPS = 100
 
-_A2G_LABELLED = AtomsToGraphs(r_energy=True, r_forces=True, r_edges=False, r_fixed=True, r_distances=False)
-_A2G_UNLABELLED = AtomsToGraphs(r_energy=False, r_forces=False, r_edges=False, r_fixed=True, r_distances=False)
+FORMATS: tuple[str, ...] = ("lmdb", "aselmdb")
+
+
+def _atoms_to_graphs(labelled: bool):
+    from fairchem.core.preprocessing import AtomsToGraphs
+
+    return AtomsToGraphs(r_energy=labelled, r_forces=labelled, r_edges=False, r_fixed=True, r_distances=False)
 
 
 def make_demo_data(
@@ -84,6 +95,7 @@ def make_demo_data(
     is2re_sizes: Mapping[str, int] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    format: str = "lmdb",
 ) -> dict[str, dict[str, Path]]:
     """Write the demo S2EF and IS2RE datasets under ``out_dir``.
 
@@ -95,6 +107,7 @@ def make_demo_data(
         is2re_sizes: systems per split; missing splits take :data:`DEFAULT_IS2RE_SIZES`.
         progress: show a tqdm progress bar per split.
         overwrite: replace existing demo files; without it they are refused before anything is made.
+        format: ``"lmdb"`` (fairchem 1.x) or ``"aselmdb"`` (fairchem 2.x; S2EF only).
 
     Returns:
         ``{"s2ef": {"train": path, "val": path, "test": path}, "is2re": {...}}``, the paths
@@ -106,20 +119,29 @@ def make_demo_data(
     }
     if seed < 0:
         raise UserInputError(f"seed {seed}: must be >= 0")
-    folders = {(task, split): Path(out_dir) / task / split for task in TASKS for split in SPLITS}
+    if format not in FORMATS:
+        raise UserInputError(f"format {format!r}: must be one of {', '.join(FORMATS)}")
+    tasks = TASKS if format == "lmdb" else ("s2ef",)
+    folders = {(task, split): Path(out_dir) / task / split for task in tasks for split in SPLITS}
     for folder in folders.values():  # every refusal before the first split is made
-        for name in ("data.lmdb", "metadata.npz"):
+        for name in (f"data.{format}", "metadata.npz"):
             check_destination(folder / name, overwrite=overwrite, what="demo file")
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
     paths: dict[str, dict[str, Path]] = {}
-    for task in TASKS:
+    for task in tasks:
         paths[task] = {}
         for split in SPLITS:
             size = sizes[task][split]
-            entries = _ENTRY_MAKERS[task](seed, split, size)
+            if format == "aselmdb":
+                entries = (frame for frame, _, _ in s2ef_frames(seed, split, size))
+                write = write_aselmdb_split
+            else:
+                entries, write = _ENTRY_MAKERS[task](seed, split, size), write_split
             bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
-            paths[task][split] = write_split(folders[task, split], list(bar))
+            paths[task][split] = write(folders[task, split], list(bar))
     return paths
 
 
@@ -135,14 +157,43 @@ def zero_force_mae(src: str | Path) -> float:
 
 def write_split(folder: Path, entries: list[Data]) -> Path:
     """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms) for ``entries``; returns the LMDB path."""
+    from .lmdb_writer import write_lmdb, write_metadata
+
     folder.mkdir(parents=True, exist_ok=True)
     write_lmdb(folder / "data.lmdb", entries)
     write_metadata(folder, [data.natoms for data in entries])
     return folder / "data.lmdb"
 
 
+def write_aselmdb_split(folder: Path, frames: list[Atoms]) -> Path:
+    """``folder/data.aselmdb`` (an ASE database in LMDB, which fairchem 2.x's ``ase_db`` datasets read)
+    and ``folder/metadata.npz`` (natoms) for labelled ``frames``; returns the database path."""
+    from ase.db import connect
+
+    from .atomic import replaced_atomically
+    from .lmdb_writer import write_metadata
+
+    path = folder / "data.aselmdb"
+    with replaced_atomically(path) as temporary:
+        try:
+            with connect(str(temporary), type="aselmdb") as db:
+                for frame in frames:
+                    db.write(frame, data=frame.info)
+        except ValueError as e:  # ASE without ase-db-backends has no aselmdb type
+            raise UserInputError(f"cannot write {path}: {e} (pip install ase-db-backends)") from None
+    write_metadata(folder, [len(frame) for frame in frames])
+    return path
+
+
 def s2ef_entries(seed: int, split: str, num_frames: int) -> Iterator[Data]:
-    """``num_frames`` S2EF entries of ``split``: EMT relaxation frames and rattled copies.
+    """``num_frames`` S2EF entries of ``split`` (:func:`s2ef_frames` in fairchem's LMDB format)."""
+    for frame, sid, fid in s2ef_frames(seed, split, num_frames):
+        yield s2ef_entry(frame, sid=sid, fid=fid)
+
+
+def s2ef_frames(seed: int, split: str, num_frames: int) -> Iterator[tuple[Atoms, int, int]]:
+    """``num_frames`` labelled S2EF frames of ``split`` with their ``sid`` and ``fid`` (also in
+    ``frame.info``): EMT relaxation frames and rattled copies.
 
     Each system contributes its BFGS trajectory (the start, then up to
     :data:`S2EF_TRAJECTORY_STEPS` steps; ``fid`` 0, 1, ...) followed by
@@ -160,7 +211,8 @@ def s2ef_entries(seed: int, split: str, num_frames: int) -> Iterator[Data]:
         for fid, frame in enumerate(trajectory + rattled):
             if count == num_frames:
                 return
-            yield s2ef_entry(frame, sid=_sid(split, index), fid=fid)
+            frame.info.update(sid=_sid(split, index), fid=fid)
+            yield frame, _sid(split, index), fid
             count += 1
 
 
@@ -175,7 +227,7 @@ def is2re_entries(seed: int, split: str, num_systems: int) -> Iterator[Data]:
 
 def s2ef_entry(frame: Atoms, sid: int, fid: int) -> Data:
     """One S2EF entry from a labelled frame (see the module docstring for the keys)."""
-    data = _A2G_LABELLED.convert(frame)
+    data = _atoms_to_graphs(labelled=True).convert(frame)
     data.energy = float(data.energy)  # a Python float, as in the OC20 LMDBs (batches as float32)
     return _with_ids(data, frame, sid, fid)
 
@@ -186,7 +238,7 @@ def is2re_entry(initial: Atoms, relaxed: Atoms, sid: int) -> Data:
     ``pos_relaxed`` is ``pos`` (the wrapped initial positions) plus each atom's actual
     displacement during the relaxation, so ``pos_relaxed - pos`` is the true displacement.
     """
-    data = _with_ids(_A2G_UNLABELLED.convert(initial), initial, sid, fid=None)
+    data = _with_ids(_atoms_to_graphs(labelled=False).convert(initial), initial, sid, fid=None)
     displacement = relaxed.get_positions() - initial.get_positions()
     data.pos_relaxed = data.pos + torch.from_numpy(displacement).float()
     data.y_init = float(initial.get_potential_energy(apply_constraint=False))

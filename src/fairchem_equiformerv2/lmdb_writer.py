@@ -21,14 +21,17 @@ import pickle
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lmdb
 import numpy as np
 import torch
-from torch_geometric.data import Data
 
 from .atomic import replaced_atomically, write_bytes_atomically
 from .errors import UserInputError
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
 
 #: Address space reserved for one file (sparse: only written pages use disk).
 DEFAULT_MAP_SIZE = 1 << 32
