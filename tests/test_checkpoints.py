@@ -69,11 +69,11 @@ def deterministic_fairchem_frames(monkeypatch):
     logging.disable(logging.NOTSET)
 
 
-def _fairchem_trainer(model: dict, tmp_path, name: str) -> OCPTrainer:
+def _fairchem_trainer(model: dict, tmp_path, name: str, outputs: dict = OUTPUTS, losses: list = LOSSES) -> OCPTrainer:
     torch.manual_seed(0)
     trainer = OCPTrainer(
-        task={}, model=copy.deepcopy(model), outputs=copy.deepcopy(OUTPUTS), dataset=[{"format": "lmdb", "src": str(tmp_path / "train")}],
-        optimizer=dict(OPTIM), loss_functions=LOSSES, evaluation_metrics=METRICS, identifier="", local_rank=0, run_dir=str(tmp_path),
+        task={}, model=copy.deepcopy(model), outputs=copy.deepcopy(outputs), dataset=[{"format": "lmdb", "src": str(tmp_path / "train")}],
+        optimizer=dict(OPTIM), loss_functions=losses, evaluation_metrics=METRICS, identifier="", local_rank=0, run_dir=str(tmp_path),
         is_debug=True, cpu=True, name=name, inference_only=True, logger="tensorboard",
     )
     trainer.load_optimizer()

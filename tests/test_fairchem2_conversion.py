@@ -4,12 +4,16 @@ predicts in fairchem 2.x is tests_fairchem2/'s part, on a checkpoint made by
 scripts/fairchem2_reference.py.)"""
 from __future__ import annotations
 
+import pytest
 import torch
-from test_checkpoints import _fairchem_trainer, save_fairchem_hydra, BACKBONE
-from test_cli_errors import assert_one_line_error, eqv2
+from fairchem.core.modules.normalization.normalizer import create_normalizer
+from test_checkpoints import BACKBONE, _fairchem_trainer, save_fairchem_hydra
+from test_cli_errors import eqv2
 
 from fairchem_equiformerv2.checkpoints import convert_checkpoint, read_checkpoint, strip_prefix
-from fairchem_equiformerv2.fairchem2_checkpoint import CHECKPOINT_CLASS, CHECKPOINT_MODULE, _stand_in_class
+from fairchem_equiformerv2.fairchem2_checkpoint import (
+    CHECKPOINT_CLASS, CHECKPOINT_MODULE, Fairchem2ConversionError, _stand_in_class, fairchem2_checkpoint,
+)
 
 
 def load_fairchem2(path):
@@ -62,22 +66,31 @@ def test_fields_weights_ema_normalizers_and_references(tmp_path):
     assert "element_references" not in tasks["forces"]
 
 
-def test_command_line_and_what_has_no_fairchem2_counterpart(tmp_path):
+def test_command_line_stress_heads_and_what_has_no_fairchem2_counterpart(tmp_path):
     source = save_fairchem_hydra(tmp_path)
     out = tmp_path / "fc2.pt"
     result = eqv2("convert-checkpoint", source, out, "--to", "fairchem2", "--dataset", "omat")
     assert result.returncode == 0, result.stderr
     assert {t["datasets"][0] for t in load_fairchem2(out).tasks_config} == {"omat"}
 
+    # a decomposed stress head: the head denormalizes with the 1.x normalizers, its task does not
     model = {
         "name": "hydra", "pass_through_head_outputs": True, "otf_graph": True,
         "backbone": {"model": "equiformer_v2_backbone", **BACKBONE},
         "heads": {"energy": {"module": "equiformerV2_scalar_head"},
                   "stress": {"module": "rank2_symmetric_head", "output_name": "stress", "decompose": True}},
     }
-    with_stress = _fairchem_trainer(model, tmp_path, "s2ef").save(checkpoint_file="stress.pt")
-    assert_one_line_error(
-        eqv2("convert-checkpoint", with_stress, tmp_path / "s.pt", "--to", "fairchem2"),
-        "head 'stress'", "no fairchem 2.x counterpart yet",
-    )
-    assert not (tmp_path / "s.pt").exists()
+    trainer = _fairchem_trainer(model, tmp_path, "s2ef")
+    trainer.normalizers["stress_isotropic"] = create_normalizer(mean=0.002, rmsd=0.03)
+    with_stress = trainer.save(checkpoint_file="stress.pt")
+    converted = load_fairchem2(convert_checkpoint(with_stress, tmp_path / "s.pt", to="fairchem2"))
+    head = converted.model_config["heads"]["stress"]
+    assert head["module"] == "fairchem_equiformerv2.fairchem2.StressHead" and head["decompose"] is True
+    assert head["isotropic_normalizer"] == pytest.approx([0.002, 0.03]) and head["anisotropic_normalizer"] == [0.0, 1.0]
+    stress = next(t for t in converted.tasks_config if t["property"] == "stress")
+    assert stress["out_spec"]["dim"] == [1, 9] and (stress["normalizer"]["mean"], stress["normalizer"]["rmsd"]) == (0.0, 1.0)
+
+    noisy_nodes = {"config": {"model": {"backbone": {"model": "fairchem_equiformerv2.NoisyNodesBackbone"},
+                                        "heads": {}}}, "state_dict": {}}
+    with pytest.raises(Fairchem2ConversionError, match="NoisyNodesBackbone has no fairchem 2.x counterpart"):
+        fairchem2_checkpoint(noisy_nodes, [], "oc20")

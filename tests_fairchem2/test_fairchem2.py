@@ -145,3 +145,23 @@ def iter_causes(error: BaseException):
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
         yield error
+
+
+# --- stress: an OMat24-style checkpoint with a decomposed stress head -------------------------------
+
+STRESS_CHECKPOINT = DATA / "equiformer_v2_fairchem2_stress.pt"
+STRESS_REFERENCE = json.loads((DATA / "reference_stress.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(STRESS_REFERENCE["structures"]))
+def test_stress_in_ev_per_cubic_angstrom_as_the_fairchem1_plugin(name):
+    unit = load_predict_unit(str(STRESS_CHECKPOINT), inference_settings=NO_COMPILE, device="cpu")
+    r = STRESS_REFERENCE["structures"][name]
+    atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=r["pbc"])
+    atoms.calc = FAIRChemCalculator(unit, task_name=STRESS_REFERENCE["dataset"])
+    expected = np.array(r["stress"])
+    assert np.allclose(expected, expected.T, atol=1e-7)  # the decomposition's l = 1 part is zero
+    voigt = expected[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # xx yy zz yz xz xy, as ASE's get_stress
+    stress = atoms.get_stress()
+    assert np.linalg.norm(stress - voigt) <= FORCE_TOLERANCE * np.linalg.norm(voigt), (stress, voigt)
+    assert abs(atoms.get_potential_energy() - r["energy"]) <= ENERGY_TOLERANCE * abs(r["energy"])

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 try:
     from fairchem.core.graph.radius_graph_pbc import radius_graph_pbc
     from fairchem.core.models.base import BackboneInterface, HeadInterface
@@ -32,8 +34,21 @@ except ImportError as error:
 from . import backbone, heads
 from .errors import ConfigError
 
-#: What each head computes, as fairchem 2.x's ``Task.property``.
-HEAD_PROPERTIES = {"EnergyHead": "energy", "ForceHead": "forces"}
+# The orthonormal change of basis from a rank-2 tensor's irreducible parts, (l = 0 | l = 1 | l = 2) =
+# (1 | 3 | 5) components, to its 9 Cartesian components (xx, xy, xz, yx, ...), rows in the order of
+# fairchem 1.x's ``cg_change_mat(2)``, with which its trainers assemble a decomposed stress.
+_S2, _S3, _S6 = 2 ** -0.5, 3 ** -0.5, 6 ** -0.5
+IRREPS_TO_CARTESIAN = [
+    [_S3, 0, 0, 0, _S3, 0, 0, 0, _S3],          # l = 0: the trace / sqrt(3)
+    [0, 0, 0, 0, 0, _S2, 0, -_S2, 0],           # l = 1: the antisymmetric part (zero for stress)
+    [0, 0, -_S2, 0, 0, 0, _S2, 0, 0],
+    [0, _S2, 0, -_S2, 0, 0, 0, 0, 0],
+    [0, 0, _S2, 0, 0, 0, _S2, 0, 0],            # l = 2: the symmetric traceless part
+    [0, _S2, 0, _S2, 0, 0, 0, 0, 0],
+    [-_S6, 0, 0, 0, 2 * _S6, 0, 0, 0, -_S6],
+    [0, 0, 0, 0, 0, _S2, 0, _S2, 0],
+    [-_S2, 0, 0, 0, 0, 0, 0, 0, _S2],
+]
 
 
 @dataclass
@@ -88,10 +103,10 @@ class EquiformerV2Backbone(backbone.EquiformerV2Backbone, BackboneInterface):
     def validate_tasks(self, dataset_to_tasks: dict) -> None:
         for dataset, tasks in dataset_to_tasks.items():
             for task in tasks:
-                if task.property not in ("energy", "forces"):
+                if task.property not in ("energy", "forces", "stress"):
                     raise ConfigError(
                         f"task {task.name!r} (dataset {dataset!r}) asks for {task.property!r}: the fairchem 2.x "
-                        "EquiformerV2 heads give 'energy' and 'forces'"
+                        "EquiformerV2 heads give 'energy', 'forces' and 'stress'"
                     )
 
     def prepare_for_inference(self, data, settings):
@@ -135,8 +150,33 @@ class ForceHead(_TaskOutputs, heads.ForceHead, HeadInterface):
 
 
 class StressHead(heads.StressHead, HeadInterface):
-    """Not available on fairchem 2.x yet: its isotropic and anisotropic parts carry separate
-    normalizers in fairchem 1.x, which one 2.x stress task cannot express."""
+    """Stress ``[B, 9]`` (Cartesian, eV/A^3) for fairchem 2.x's ``stress`` task.
 
-    def __init__(self, *args, **kwargs):
-        raise ConfigError("StressHead is not available with fairchem 2.x yet (energy and direct forces are)")
+    fairchem 1.x's trainers denormalize a decomposed stress head's isotropic ``[B, 1]`` and
+    anisotropic ``[B, 5]`` outputs with a normalizer each and assemble the tensor with
+    :data:`IRREPS_TO_CARTESIAN`; one 2.x task has one normalizer, so this head does both itself with the
+    1.x checkpoint's normalizers (``isotropic_normalizer``, ``anisotropic_normalizer`` or, undecomposed,
+    ``normalizer``: ``[mean, rmsd]``), and its task's normalizer is the identity. Otherwise as
+    :class:`.heads.StressHead`.
+    """
+
+    def __init__(self, backbone, output_name: str = "stress", *, isotropic_normalizer=(0.0, 1.0),
+                 anisotropic_normalizer=(0.0, 1.0), normalizer=(0.0, 1.0), **kwargs):
+        super().__init__(backbone, output_name=output_name, **kwargs)
+        self.normalizers = {"isotropic": tuple(map(float, isotropic_normalizer)),
+                            "anisotropic": tuple(map(float, anisotropic_normalizer)), "full": tuple(map(float, normalizer))}
+        self.register_buffer("irreps_to_cartesian", torch.tensor(IRREPS_TO_CARTESIAN), persistent=False)
+
+    def forward(self, data, emb: dict) -> dict:
+        out, name = super().forward(data, emb), self.output_name
+        if not self.decompose:
+            mean, rmsd = self.normalizers["full"]
+            return {name: {"stress": out[name].reshape(-1, 9) * rmsd + mean}}  # [B, 9]
+        (iso_mean, iso_rmsd), (aniso_mean, aniso_rmsd) = self.normalizers["isotropic"], self.normalizers["anisotropic"]
+        isotropic = out[f"{name}_isotropic"] * iso_rmsd + iso_mean  # [B, 1]
+        anisotropic = out[f"{name}_anisotropic"] * aniso_rmsd + aniso_mean  # [B, 5]
+        irreps = torch.cat((isotropic, isotropic.new_zeros(len(isotropic), 3), anisotropic), dim=1)
+        return {name: {"stress": irreps @ self.irreps_to_cartesian.to(irreps.dtype)}}  # [B, 9]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, normalizers={self.normalizers}"

@@ -5,7 +5,8 @@ fairchem 2.x loads a pickled ``MLIPInferenceCheckpoint`` dataclass
 that ``hydra.utils.instantiate`` builds: fairchem's ``HydraModel`` naming our
 :mod:`.fairchem2` classes), ``model_state_dict``, ``ema_state_dict`` (``torch.optim.swa_utils.
 AveragedModel``'s layout: ``module.``-prefixed keys and ``n_averaged``) and ``tasks_config`` (a list
-of fairchem 2.x ``Task`` configs with their normalizers and element references). Old checkpoints
+of fairchem 2.x ``Task`` configs, energy, forces and stress, with their normalizers and element
+references; a stress head takes its 1.x normalizers along, see :class:`.fairchem2.StressHead`). Old checkpoints
 are read in the fairchem 1.10 environment, which has no such class, so the file is pickled with a
 stand-in of the same module path and name, and fairchem 2.x unpickles it into its own dataclass.
 
@@ -35,11 +36,13 @@ FAIRCHEM2_CLASSES = {
     "fairchem_equiformerv2.EquiformerV2Backbone": "fairchem_equiformerv2.fairchem2.EquiformerV2Backbone",
     "fairchem_equiformerv2.EnergyHead": "fairchem_equiformerv2.fairchem2.EnergyHead",
     "fairchem_equiformerv2.ForceHead": "fairchem_equiformerv2.fairchem2.ForceHead",
+    "fairchem_equiformerv2.StressHead": "fairchem_equiformerv2.fairchem2.StressHead",
 }
 #: per head class: (the task's property, its level, its output shape)
 TASKS = {
     "fairchem_equiformerv2.EnergyHead": ("energy", "system", [1]),
     "fairchem_equiformerv2.ForceHead": ("forces", "atom", [3]),
+    "fairchem_equiformerv2.StressHead": ("stress", "system", [1, 9]),
 }
 #: fairchem 1.x normalizer names, new then old, per property
 NORMALIZER_NAMES = {"energy": ("energy", "target"), "forces": ("forces", "grad_target")}
@@ -71,13 +74,17 @@ def fairchem2_checkpoint(
     for head_name, head in model["heads"].items():
         if head["module"] not in TASKS:
             raise Fairchem2ConversionError(
-                f"head {head_name!r} ({head['module']}) has no fairchem 2.x counterpart yet: energy and direct "
-                "forces heads convert"
+                f"head {head_name!r} ({head['module']}) has no fairchem 2.x counterpart yet: energy, direct "
+                "forces and stress heads convert"
             )
         prop, level, dim = TASKS[head["module"]]
         args = {k: v for k, v in head.items() if k not in ("module", "output_name")}
+        normalizers = plugin_checkpoint.get("normalizers") or {}
+        if prop == "stress":  # the head denormalizes (fairchem2.StressHead); its task's normalizer is 1
+            args.update(_stress_normalizers(normalizers, head.get("output_name", "stress")))
+            normalizers = {}
         heads[head_name] = {"module": _fairchem2_class(head["module"], f"head {head_name!r}"), "output_name": prop, **args}
-        tasks.append(_task(prop, level, dim, dataset, plugin_checkpoint))
+        tasks.append(_task(prop, level, dim, dataset, normalizers, plugin_checkpoint.get("elementrefs") or {}))
     model_config = {
         "_target_": HYDRA_MODEL, "backbone": backbone, "heads": heads,
         "pass_through_head_outputs": True, "otf_graph": True, "supports_single_atoms": True,
@@ -98,15 +105,15 @@ def _strip(key: str) -> str:
     return key
 
 
-def _task(prop: str, level: str, dim: list[int], dataset: str, checkpoint: Mapping) -> dict:
-    mean, rmsd = _normalizer(checkpoint.get("normalizers") or {}, prop)
+def _task(prop: str, level: str, dim: list[int], dataset: str, normalizers: Mapping, elementrefs: Mapping) -> dict:
+    mean, rmsd = _normalizer(normalizers, NORMALIZER_NAMES.get(prop, (prop,)))
     task = {
         "_target_": TASK, "name": prop, "level": level, "property": prop,
         "out_spec": {"dim": dim, "dtype": "float32"},
         "normalizer": {"_target_": NORMALIZER, "mean": mean, "rmsd": rmsd},
         "datasets": [dataset],
     }
-    references = ((checkpoint.get("elementrefs") or {}).get(prop) or {}).get("element_references")
+    references = (elementrefs.get(prop) or {}).get("element_references")
     if references is not None:
         task["element_references"] = {
             "_target_": ELEMENT_REFERENCES,
@@ -115,14 +122,23 @@ def _task(prop: str, level: str, dim: list[int], dataset: str, checkpoint: Mappi
     return task
 
 
-def _normalizer(normalizers: Mapping, prop: str) -> tuple[float, float]:
-    """(mean, rmsd) of a 1.x checkpoint's normalizer for ``prop``; (0, 1) when it has none."""
-    for name in NORMALIZER_NAMES[prop]:
+def _normalizer(normalizers: Mapping, names: tuple[str, ...]) -> tuple[float, float]:
+    """(mean, rmsd) of the first of ``names`` a 1.x checkpoint has a normalizer for; (0, 1) if none."""
+    for name in names:
         state = normalizers.get(name)
         if state:
             scale = state.get("rmsd", state.get("std"))
             return float(state.get("mean", 0.0)), float(1.0 if scale is None else scale)
     return 0.0, 1.0
+
+
+def _stress_normalizers(normalizers: Mapping, output_name: str) -> dict:
+    """The 1.x normalizers of a stress head's outputs, as :class:`.fairchem2.StressHead` takes them."""
+    return {
+        "isotropic_normalizer": list(_normalizer(normalizers, (f"{output_name}_isotropic",))),
+        "anisotropic_normalizer": list(_normalizer(normalizers, (f"{output_name}_anisotropic",))),
+        "normalizer": list(_normalizer(normalizers, (output_name,))),
+    }
 
 
 def _ema_state_dict(ema: Mapping | None, state: Mapping[str, torch.Tensor], trainable_names: list[str]) -> dict:
