@@ -211,8 +211,9 @@ def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
     num_structures = len(natoms)
     cell = _structure_cells(data, num_structures, pos.dtype)
     periodic = periodic_directions(data, settings.use_pbc, cell)
-    searched = search_cell(cell, periodic)
-    check_no_close_pairs(pos, searched, periodic, natoms)
+    with torch.no_grad():  # the search's cell and the check only choose edges: no gradient through them
+        searched = search_cell(cell, periodic)
+        check_no_close_pairs(pos, searched, periodic, natoms)
 
     if not settings.otf_graph and getattr(data, "edge_index", None) is not None:
         edge_index = data.edge_index
@@ -220,7 +221,8 @@ def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
         if cell_offsets is None:
             cell_offsets = pos.new_zeros(edge_index.shape[1], 3)
     else:
-        edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings, search)
+        with torch.no_grad():  # indices and whole-cell offsets; the vectors below carry the gradients
+            edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings, search)
 
     source, target = edge_index
     vec = pos[source] - pos[target]
