@@ -54,11 +54,16 @@ def test_config_is_fairchem_hydra_with_plugin_classes(path):
     noisy_nodes = model["backbone"]["model"] == "fairchem_equiformerv2.NoisyNodesBackbone"
     assert noisy_nodes or model["backbone"]["model"] == "fairchem_equiformerv2.EquiformerV2Backbone"
     heads = {name: head["module"] for name, head in model["heads"].items()}
-    assert heads.pop("energy") == "fairchem_equiformerv2.EnergyHead"
+    energy_head = heads.pop("energy")
+    conservative = energy_head == "fairchem_equiformerv2.ConservativeHead"  # energy and its gradients
+    assert conservative or energy_head == "fairchem_equiformerv2.EnergyHead"
     if noisy_nodes:
         assert heads.pop("noisy_nodes") == "fairchem_equiformerv2.NoisyNodesHead"
-    if model["backbone"].get("regress_forces", True):
+    if model["backbone"].get("regress_forces", True) and not conservative:
         assert heads.pop("forces") == "fairchem_equiformerv2.ForceHead"
+    if conservative:  # the forces are the normalised energy's gradient: same stdev, zero mean
+        normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
+        assert normalizer["forces"]["mean"] == 0 and normalizer["forces"]["stdev"] == normalizer["energy"]["stdev"]
     assert not heads
     # fairchem resolves the dotted names by itself (no registration needed)
     import fairchem_equiformerv2

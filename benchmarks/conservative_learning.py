@@ -1,0 +1,158 @@
+"""Learning with gradient forces on the demo data: direct vs conservative from scratch vs fine-tuned.
+
+For each seed, with fairchem's own CLI and its unmodified ``equiformerv2_forces`` trainer:
+
+* ``direct``: configs/demo/s2ef.yml (EnergyHead + ForceHead), ``--epochs`` epochs;
+* ``conservative``: configs/demo/s2ef_conservative.yml (ConservativeHead: forces = -dE/dx), the same
+  model, optimizer and epochs, from scratch;
+* ``fine-tuned``: the eSEN recipe (Fu et al. 2025): the ``direct`` run's best checkpoint made
+  conservative (its backbone and energy network kept, the force head dropped:
+  :func:`to_conservative_checkpoint`), then trained ``--finetune-epochs`` more epochs with
+  configs/demo/s2ef_conservative.yml's data, loss and optimizer (fairchem's ``finetune_config``).
+
+Prints the validation force MAE and cosine (the best epoch by force MAE, which fairchem keeps as
+``best_checkpoint.pt``), mean ± std over seeds, and the training time; saves the numbers as JSON.
+Runs one at a time, one thread each (the machine is shared).
+
+    python benchmarks/conservative_learning.py                      # 3 seeds: about 15 minutes on one core
+    python benchmarks/conservative_learning.py --seeds 0 --epochs 4  # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DIRECT = ROOT / "configs" / "demo" / "s2ef.yml"
+CONSERVATIVE = ROOT / "configs" / "demo" / "s2ef_conservative.yml"
+
+
+def executable(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def val_metrics(log: str) -> list[dict[str, float]]:
+    """Every validation line of a fairchem training log, as {metric: value}."""
+    out = []
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "Evaluating on val" in line and i + 1 < len(lines):
+            out.append({k: float(v) for k, v in re.findall(r"(\w+): ([-+0-9.eE]+)", lines[i + 1].split("(INFO):", 1)[-1])})
+    return out
+
+
+def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, threads: int, extra: list[str] = ()) -> dict:
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # fairchem would resume from them
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [executable("fairchem"), "--mode", "train", "--config-yml", str(config), "--cpu", "--seed", str(seed),
+           "--run-dir", str(run_dir), "--timestamp-id", "train", f"--optim.max_epochs={epochs}",
+           f"--dataset.train.src={data / 's2ef' / 'train'}", f"--dataset.val.src={data / 's2ef' / 'val'}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    (run_dir / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"training failed ({run_dir / 'train.log'}):\n" + (proc.stdout + proc.stderr)[-3000:])
+    metrics = val_metrics(proc.stdout + proc.stderr)
+    best = min(metrics, key=lambda m: m["forces_mae"])
+    return {"forces_mae": best["forces_mae"], "forces_cosine": best["forces_cosine_similarity"],
+            "energy_mae": best["energy_mae"], "seconds": seconds,
+            "checkpoint": str(run_dir / "checkpoints" / "train" / "best_checkpoint.pt")}
+
+
+def to_conservative_checkpoint(source: Path, destination: Path, conservative_config: Path) -> None:
+    """A direct-force checkpoint -> a conservative one: the backbone and the energy network (an
+    EnergyHead's ``energy_block``, which ConservativeHead has too) kept, the force head dropped, the
+    config's heads and normalisers those of ``conservative_config``."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    target = yaml.safe_load(conservative_config.read_text())
+    config = checkpoint["config"]
+    heads = target["model"]["heads"]
+    config["model"]["heads"] = heads
+    normalizer = target["dataset"]["train"]["transforms"]["normalizer"]
+    dataset = config["dataset"].get("train", config["dataset"])  # fairchem keeps the train split's section
+    dataset.setdefault("transforms", {})["normalizer"] = normalizer
+    checkpoint["normalizers"] = {
+        key: {"mean": torch.tensor(float(value["mean"])), "rmsd": torch.tensor(float(value["stdev"]))}
+        for key, value in normalizer.items()
+    }
+    head_names = tuple(f"module.output_heads.{name}." for name in heads)
+    checkpoint["state_dict"] = {
+        key: value for key, value in checkpoint["state_dict"].items()
+        if not key.startswith("module.output_heads.") or key.startswith(head_names)
+    }
+    checkpoint.pop("ema", None)
+    torch.save(checkpoint, destination)
+
+
+def finetune_config(conservative_config: Path, starting_checkpoint: Path, path: Path) -> Path:
+    """configs/demo/s2ef_conservative.yml with the model taken whole from ``starting_checkpoint``."""
+    config = yaml.safe_load(conservative_config.read_text())
+    config["model"] = {"name": "hydra", "pass_through_head_outputs": True, "otf_graph": True,
+                       "finetune_config": {"starting_checkpoint": str(starting_checkpoint)}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/eqv2_conservative_learning"))
+    parser.add_argument("--data", type=Path, default=None, help="demo data (default: made in the work dir)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the direct and conservative runs")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="conservative epochs after the direct run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+
+    work = args.work_dir
+    data = args.data or work / "data"
+    if not (data / "s2ef" / "train").exists():
+        subprocess.run([executable("fairchem-eqv2"), "demo-data", str(data), "--no-progress"], check=True)
+    results: dict[str, list[dict]] = {"direct": [], "conservative": [], "fine-tuned": []}
+    for seed in args.seeds:
+        direct = train(DIRECT, work / f"direct_{seed}", data, seed, args.epochs, args.threads)
+        results["direct"].append(direct)
+        results["conservative"].append(
+            train(CONSERVATIVE, work / f"conservative_{seed}", data, seed, args.epochs, args.threads)
+        )
+        start = work / f"finetune_{seed}" / "start.pt"
+        start.parent.mkdir(parents=True, exist_ok=True)
+        to_conservative_checkpoint(Path(direct["checkpoint"]), start, CONSERVATIVE)
+        config = finetune_config(CONSERVATIVE, start, work / f"finetune_{seed}" / "config.yml")
+        results["fine-tuned"].append(
+            train(config, work / f"finetune_{seed}", data, seed, args.finetune_epochs, args.threads)
+        )
+        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['forces_mae']:.3f}" for k, v in results.items()), flush=True)
+
+    print(f"\nvalidation (demo data, {len(args.seeds)} seeds; best epoch by force MAE; mean ± std)")
+    print("| model | epochs | force MAE (eV/Å) | force cosine | energy MAE (eV) | training time (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    epochs = {"direct": f"{args.epochs}", "conservative": f"{args.epochs}",
+              "fine-tuned": f"{args.epochs} direct + {args.finetune_epochs}"}
+    for name, runs in results.items():
+        print(f"| {name} | {epochs[name]} | {mean_std([r['forces_mae'] for r in runs])} | "
+              f"{mean_std([r['forces_cosine'] for r in runs])} | {mean_std([r['energy_mae'] for r in runs])} | "
+              f"{mean_std([r['seconds'] for r in runs])} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
