@@ -18,6 +18,7 @@ _MODEL_NAMES = ("EquiformerV2Backbone", "EnergyHead", "ForceHead", "StressHead")
 _FAIRCHEM1 = {
     **dict.fromkeys(_MODEL_NAMES, ".fairchem1"),
     "NoisyNodesBackbone": ".noisy_nodes", "NoisyNodesHead": ".noisy_nodes",
+    **dict.fromkeys(("DeNSBackbone", "DeNSEnergyHead", "DeNSForceHead", "DeNSStressHead"), ".fairchem1"),
     "ConservativeHead": ".conservative",
     "calculator": ".checkpoints", "convert_checkpoint": ".checkpoints", "fix_checkpoint": ".checkpoints",
 }

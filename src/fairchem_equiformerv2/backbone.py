@@ -371,6 +371,12 @@ class EquiformerV2Backbone(nn.Module):
                 return {**self._embed(data), **inputs}
         return self._embed(data)
 
+    def embed_atoms(self, data, atomic_numbers: torch.Tensor) -> torch.Tensor:
+        """Node features ``[N, (lmax+1)**2, C]`` before the edge-degree embedding: the atom embedding in
+        ``l = 0``. A subclass adds its per-atom inputs here (:class:`.dens.DeNSBackbone`: the force
+        encoding)."""
+        return self.atom_embedding(atomic_numbers)
+
     def _embed(self, data) -> dict:
         atomic_numbers = self._check_input(data)
         if data.pos.device.type == "cpu":
@@ -388,7 +394,7 @@ class EquiformerV2Backbone(nn.Module):
         if self.shared_edge_types is not None:
             edge_features = self.shared_edge_types(edge_features, atomic_numbers, edge_index)
 
-        x = self.atom_embedding(atomic_numbers)  # [N, F, C]
+        x = self.embed_atoms(data, atomic_numbers)  # [N, F, C]
         x = x + self.edge_degree_embedding(atomic_numbers, edge_features, edge_index, rotation)
         num_graphs = len(data.natoms)
         for block in self.blocks:

@@ -6,6 +6,9 @@ fairchem's shapes and meanings; only a few module paths differ:
 * ``sphere_embedding``                 -> ``atom_embedding.sphere_embedding``
 * ``<module>.{source,target}_embedding`` -> ``<module>.edge_types.{source,target}_embedding``
   (``backbone.shared_edge_types`` for the backbone's shared tables)
+* the DeNS heads' ``scalar_block`` / ``vector_block`` -> ``energy_block`` / ``force_block``, the
+  names of the plain heads' same blocks (``denoising_pos_block`` and the DeNS backbone's
+  ``force_embedding`` keep their names)
 
 fairchem also saves buffers that are pure functions of the configuration (coefficient bookkeeping,
 S2 grid matrices, index tables); we recompute those, so the mapping recognises them by name
@@ -38,6 +41,11 @@ DERIVED_BUFFERS = (
 )
 _DERIVED = re.compile(r"(^|\.)(" + "|".join(DERIVED_BUFFERS) + r")$")
 
+# DeNS heads' blocks, then (for the same key) the first matching rename below
+_HEAD_BLOCK_RENAMES = (
+    (re.compile(r"^(output_heads\.[^.]+)\.scalar_block\."), r"\1.energy_block."),
+    (re.compile(r"^(output_heads\.[^.]+)\.vector_block\."), r"\1.force_block."),
+)
 _RENAMES = (
     (re.compile(r"^backbone\.sphere_embedding\."), "backbone.atom_embedding.sphere_embedding."),
     (re.compile(r"^backbone\.(source|target)_embedding\."), r"backbone.shared_edge_types.\1_embedding."),
@@ -68,7 +76,10 @@ def hydra_key(key: str) -> str:
 
 
 def plugin_key(key: str) -> str:
-    """A fairchem hydra key -> the same weight's key in our model (the first matching rename)."""
+    """A fairchem hydra key -> the same weight's key in our model (the DeNS head-block renames, then
+    the first matching rename)."""
+    for pattern, replacement in _HEAD_BLOCK_RENAMES:
+        key = pattern.sub(replacement, key)
     for pattern, replacement in _RENAMES:
         if pattern.search(key):
             return pattern.sub(replacement, key)
@@ -151,7 +162,11 @@ def load_fairchem_weights(model: torch.nn.Module, state_dict: Mapping[str, torch
 # ---------------------------------------------------------------------------------------------
 
 PLUGIN_BACKBONE = "fairchem_equiformerv2.EquiformerV2Backbone"
-FAIRCHEM_BACKBONES = ("equiformer_v2_backbone",)
+PLUGIN_DENS_BACKBONE = "fairchem_equiformerv2.DeNSBackbone"
+#: fairchem's EquiformerV2 backbones -> ours
+BACKBONE_MODULES = {"equiformer_v2_backbone": PLUGIN_BACKBONE, "equiformer_v2_dens_backbone": PLUGIN_DENS_BACKBONE}
+FAIRCHEM_BACKBONES = tuple(BACKBONE_MODULES)
+PLUGIN_BACKBONES = frozenset(BACKBONE_MODULES.values())
 LEGACY_MODEL = "equiformer_v2"
 #: fairchem's EquiformerV2 head modules -> ours (the deprecated wrappers have the same weights).
 HEAD_MODULES = {
@@ -160,6 +175,9 @@ HEAD_MODULES = {
     "equiformerV2_vector_head": "fairchem_equiformerv2.ForceHead",
     "equiformer_v2_force_head": "fairchem_equiformerv2.ForceHead",
     "rank2_symmetric_head": "fairchem_equiformerv2.StressHead",
+    "eqV2_DeNS_scalar_head": "fairchem_equiformerv2.DeNSEnergyHead",
+    "eqV2_DeNS_vector_head": "fairchem_equiformerv2.DeNSForceHead",
+    "dens_rank2_symmetric_head": "fairchem_equiformerv2.DeNSStressHead",
 }
 #: the plugin's heads: fairchem's equivalents, and ConservativeHead (energy and its gradients), which has none
 PLUGIN_HEADS = frozenset(HEAD_MODULES.values()) | {"fairchem_equiformerv2.ConservativeHead"}
@@ -259,13 +277,14 @@ def checkpoint_kind(config: Mapping) -> str:
         raise CheckpointError(f"the checkpoint's model is {name!r}, not EquiformerV2 ({LEGACY_MODEL!r} or a hydra model)")
     backbone = (model.get("backbone") or {}).get("model")
     heads = {h: (c or {}).get("module") for h, c in (model.get("heads") or {}).items()}
-    if backbone == PLUGIN_BACKBONE:
+    if backbone in PLUGIN_BACKBONES:
         known, kind = set(PLUGIN_HEADS), "plugin"
     elif backbone in FAIRCHEM_BACKBONES:
         known, kind = set(HEAD_MODULES), "hydra"
     else:
         raise CheckpointError(
-            f"the checkpoint's backbone is {backbone!r}, not EquiformerV2 ({FAIRCHEM_BACKBONES[0]!r} or {PLUGIN_BACKBONE!r})"
+            f"the checkpoint's backbone is {backbone!r}, not EquiformerV2 (one of {list(FAIRCHEM_BACKBONES)} "
+            f"or {sorted(PLUGIN_BACKBONES)})"
         )
     unknown = {h: m for h, m in heads.items() if m not in known}
     if unknown:
@@ -337,7 +356,7 @@ def convert_config(config: Mapping, state_dict: Mapping | None = None) -> dict:
     else:
         model = new["model"]
         model.pop("finetune_config", None)
-        model["backbone"]["model"] = PLUGIN_BACKBONE
+        model["backbone"]["model"] = BACKBONE_MODULES.get(model["backbone"]["model"], model["backbone"]["model"])
         for head in model["heads"].values():
             head["module"] = HEAD_MODULES.get(head["module"], head["module"])
         model["otf_graph"] = True

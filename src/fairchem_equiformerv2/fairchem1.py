@@ -16,7 +16,7 @@ except ImportError as error:  # fairchem 2.x moved or removed these
         f"with fairchem-core 2.x use fairchem_equiformerv2.fairchem2 ({error})"
     ) from error
 
-from . import backbone, heads
+from . import backbone, dens, heads
 
 
 class EquiformerV2Backbone(backbone.EquiformerV2Backbone, GraphModelMixin, BackboneInterface):
@@ -34,3 +34,20 @@ class ForceHead(heads.ForceHead, HeadInterface):
 
 class StressHead(heads.StressHead, HeadInterface):
     __doc__ = heads.StressHead.__doc__
+
+
+class DeNSBackbone(dens.DeNSBackbone, GraphModelMixin, BackboneInterface):
+    __doc__ = dens.DeNSBackbone.__doc__
+    radius_search = staticmethod(radius_graph_pbc)
+
+
+class DeNSEnergyHead(dens.DeNSEnergyHead, HeadInterface):
+    __doc__ = dens.DeNSEnergyHead.__doc__
+
+
+class DeNSForceHead(dens.DeNSForceHead, HeadInterface):
+    __doc__ = dens.DeNSForceHead.__doc__
+
+
+class DeNSStressHead(dens.DeNSStressHead, HeadInterface):
+    __doc__ = dens.DeNSStressHead.__doc__

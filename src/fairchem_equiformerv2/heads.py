@@ -71,10 +71,14 @@ class ForceHead(nn.Module):
         self.apply(lambda m: init_weights(m, backbone.weight_init))
 
     def forward(self, data, emb: dict) -> dict:
+        return {self.output_name: self.vector(self.force_block, emb)}  # [N, 3]
+
+    def vector(self, block: nn.Module, emb: dict) -> torch.Tensor:
+        """The ``l = 1`` output ``[N, 3]`` of a graph attention ``block`` on the backbone's ``emb``."""
         graph = emb["graph"]
         args = (emb["node_embedding"], graph.atomic_numbers_full, emb["edge_features"], graph.edge_index, emb["rotation"])
-        out = checkpoint(self.force_block, *args, use_reentrant=False) if self.activation_checkpoint else self.force_block(*args)
-        return {self.output_name: at_least_float32(out[:, 1:4, 0]).contiguous()}  # [N, 3]
+        out = checkpoint(block, *args, use_reentrant=False) if self.activation_checkpoint else block(*args)
+        return at_least_float32(out[:, 1:4, 0]).contiguous()
 
     def extra_repr(self) -> str:
         return f"output_name={self.output_name!r}"

@@ -1,0 +1,224 @@
+"""DeNS, denoising non-equilibrium structures (Liao, Smidt, Shuaibi, Das: "Generalizing Denoising to
+Non-Equilibrium Structures Improves Equivariant Force Fields", arXiv 2403.09549): the model side, on
+torch alone.
+
+A structure from an S2EF trajectory is not at a minimum, so the displacement that restores it after
+Gaussian noise is ambiguous. DeNS removes the ambiguity by also giving the model the original
+structure's forces (Section 3.2): the model sees the corrupted positions, the atom types and the
+original forces, and predicts the added noise (per atom) and the original structure's energy
+(Section 3.3 for how the forces enter EquiformerV2; Section 3.4 for partially corrupted
+structures, where only some atoms are noised and encoded, the others predict forces as usual).
+
+This module holds the computation, in the layout of fairchem 1.10's ``EqV2DeNSBackbone`` and its
+DeNS heads, so that fairchem's DeNS checkpoints load (``checkpoints.py`` maps their key names):
+
+* :class:`DeNSBackbone` adds the force encoding to the node features before the edge-degree
+  embedding: each atom's force ``f [3]`` becomes ``|f| / sqrt(3) * Y(f / |f|)`` ``[(lmax+1)**2]``
+  (e3nn's real spherical harmonics, component normalisation, so the ``l = 1`` part is ``f`` itself),
+  mapped to ``sphere_channels`` by an :class:`.SO3Linear` (``force_embedding``). Optionally the
+  noise level ``sigma [N, 1]`` of a noise schedule enters ``l = 0`` through a linear map
+  (``noise_schedule_sigma_embedding``).
+* :class:`DeNSEnergyHead` is :class:`.EnergyHead`; with ``use_denoising=False`` it predicts zero on
+  a denoising forward (the paper's ablation).
+* :class:`DeNSForceHead` has two graph attentions: ``force_block`` (forces) and
+  ``denoising_pos_block`` (the noise). On a denoising forward its output is the noise prediction
+  for corrupted atoms and the force prediction for the others.
+* :class:`DeNSStressHead` is :class:`.StressHead`, zeroed on a denoising forward with
+  ``use_denoising=False``.
+
+Which forward is a denoising one is said by the batch, with fairchem's field names, so that these
+classes run under fairchem's own DeNS trainer (``equiformerv2_dens``) as its classes do:
+
+* ``denoising_pos_forward``: true on a denoising forward (absent or false otherwise: then the
+  force encoding is zero, i.e. only ``force_embedding``'s bias, and the heads predict forces);
+* ``forces [N, 3]``: the original structure's forces, encoded on a denoising forward;
+* ``noise_mask [N]`` (bool, optional): the corrupted atoms; only they are encoded and denoised;
+* ``sigmas [N, 1]`` (with ``use_noise_schedule_sigma_encoding``): each atom's noise level.
+
+In evaluation (validation, prediction, relaxations) no batch carries ``denoising_pos_forward`` and
+the model is a plain EquiformerV2 whose ``l = 0`` input has the constant ``force_embedding.bias``
+added. Corrupting the inputs during training is done by a trainer or by the plugin's training
+objective (:mod:`.dens_objective`), not here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .arguments import check_arguments, flag
+from .backbone import EquiformerV2Backbone
+from .heads import EnergyHead, ForceHead, StressHead
+from .nn.linear import SO3Linear
+from .weight_init import init_weights
+
+__all__ = ["is_denoising", "force_encoding", "DeNSBackbone", "DeNSEnergyHead", "DeNSForceHead", "DeNSStressHead"]
+
+
+def is_denoising(data) -> bool:
+    """True when ``data`` is a denoising forward (``data.denoising_pos_forward`` set and true)."""
+    return bool(getattr(data, "denoising_pos_forward", False))
+
+
+def noise_mask(data) -> torch.Tensor | None:
+    """``data.noise_mask`` as ``[N]`` bool, or ``None`` when the batch has none (all atoms corrupted)."""
+    mask = getattr(data, "noise_mask", None)
+    return None if mask is None else mask.view(-1).bool()
+
+
+def force_encoding(forces: torch.Tensor, lmax: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The force of each atom as coefficients of degrees ``0..lmax`` (Section 3.3).
+
+    Args:
+        forces: ``[N, 3]``.
+        lmax: the highest degree.
+        mask: ``[N]`` bool, the atoms to encode (others get zeros), or ``None`` for all.
+
+    Returns:
+        ``[N, (lmax+1)**2, 1]``: ``|f| / sqrt(3) * Y(f / |f|)`` in e3nn's real spherical harmonics with
+        component normalisation (``Y_l`` has squared norm ``2l + 1``), so degree 0 is ``|f| / sqrt(3)``
+        and degree 1 is ``f`` itself (``x, y, z``). A zero force encodes as zeros.
+    """
+    harmonics = o3.spherical_harmonics(list(range(lmax + 1)), forces, normalize=True, normalization="component")
+    encoded = harmonics * (forces.norm(dim=-1, keepdim=True) / math.sqrt(3.0))  # [N, F]
+    if mask is not None:
+        encoded = encoded * mask.unsqueeze(1).to(encoded.dtype)
+    return encoded.unsqueeze(2)
+
+
+class DeNSBackbone(EquiformerV2Backbone):
+    """EquiformerV2 with the DeNS force encoding (fairchem's ``equiformer_v2_dens_backbone``).
+
+    Forward: as :class:`.EquiformerV2Backbone` (``{"node_embedding": [N, (lmax+1)**2, C], ...}``);
+    on a denoising forward (``data.denoising_pos_forward``) the node features start from the atom
+    embedding plus ``force_embedding(force_encoding(data.forces))`` (masked by ``data.noise_mask``),
+    otherwise from the atom embedding plus ``force_embedding``'s bias.
+
+    Takes every argument of the backbone plus fairchem's two DeNS ones:
+    ``use_force_encoding`` (default true; false zeroes the encoding, the paper's ablation) and
+    ``use_noise_schedule_sigma_encoding`` (default false; true adds a linear map of
+    ``data.sigmas [N, 1]``, zeros when not denoising, to the ``l = 0`` features).
+    """
+
+    def __init__(self, *args, use_force_encoding: bool = True, use_noise_schedule_sigma_encoding: bool = False, **kwargs):
+        check_arguments(
+            {"use_force_encoding": use_force_encoding, "use_noise_schedule_sigma_encoding": use_noise_schedule_sigma_encoding},
+            {"use_force_encoding": flag, "use_noise_schedule_sigma_encoding": flag},
+            type(self).__name__,
+        )
+        super().__init__(*args, **kwargs)
+        self.use_force_encoding = use_force_encoding
+        self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
+        self.force_embedding = SO3Linear(1, self.sphere_channels, self.lmax)
+        self.noise_schedule_sigma_embedding = None
+        if use_noise_schedule_sigma_encoding:
+            self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
+        for module in (self.force_embedding, self.noise_schedule_sigma_embedding):
+            if module is not None:
+                module.apply(lambda m: init_weights(m, self.weight_init))
+
+    def embed_atoms(self, data, atomic_numbers: torch.Tensor) -> torch.Tensor:
+        x = super().embed_atoms(data, atomic_numbers)  # [N, F, C]
+        num_atoms, dtype = x.shape[0], data.pos.dtype
+        denoising = is_denoising(data)
+        if denoising and self.use_force_encoding:
+            if getattr(data, "forces", None) is None:
+                raise ValueError("a denoising forward (denoising_pos_forward) needs the original forces in data.forces")
+            encoded = force_encoding(data.forces.to(dtype), self.lmax, noise_mask(data))
+        else:
+            encoded = x.new_zeros(num_atoms, x.shape[1], 1, dtype=dtype)
+        x = x + self.force_embedding(encoded.to(x.dtype))
+        if self.noise_schedule_sigma_embedding is not None:
+            if denoising:
+                if getattr(data, "sigmas", None) is None:
+                    raise ValueError("use_noise_schedule_sigma_encoding: a denoising forward needs data.sigmas [N, 1]")
+                sigmas = data.sigmas.view(num_atoms, 1).to(x.dtype)
+            else:
+                sigmas = x.new_zeros(num_atoms, 1)
+            sigma = self.noise_schedule_sigma_embedding(sigmas)  # [N, C]
+            x = x + nn.functional.pad(sigma.unsqueeze(1), (0, 0, 0, x.shape[1] - 1))
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", use_force_encoding={self.use_force_encoding}, "
+            f"use_noise_schedule_sigma_encoding={self.use_noise_schedule_sigma_encoding}"
+        )
+
+
+class DeNSEnergyHead(EnergyHead):
+    """Energy per structure ``[B]`` (fairchem's ``eqV2_DeNS_scalar_head``): :class:`.EnergyHead`.
+
+    On a denoising forward it predicts the original structure's energy from the corrupted one
+    (Section 3.2), or zero with ``use_denoising=False`` (the paper's ablation).
+    """
+
+    def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum", use_denoising: bool = True):
+        check_arguments({"use_denoising": use_denoising}, {"use_denoising": flag}, type(self).__name__)
+        super().__init__(backbone, output_name=output_name, reduce=reduce)
+        self.use_denoising = use_denoising
+
+    def forward(self, data, emb: dict) -> dict:
+        out = super().forward(data, emb)
+        if is_denoising(data) and not self.use_denoising:
+            out = {key: value * 0.0 for key, value in out.items()}
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_denoising={self.use_denoising}"
+
+
+class DeNSForceHead(ForceHead):
+    """Forces, or the noise on a denoising forward, ``[N, 3]`` (fairchem's ``eqV2_DeNS_vector_head``).
+
+    Two graph attentions like :class:`.ForceHead`'s: ``force_block`` predicts forces,
+    ``denoising_pos_block`` the noise added to each atom (in units of the noise's scale, as the
+    trainer normalises its target). On a denoising forward the output is the noise prediction for
+    the corrupted atoms (``data.noise_mask``, all atoms without one) and the force prediction for the
+    others (Section 3.4); otherwise it is the force prediction.
+
+    In training both blocks run on every forward (the unused one multiplied by zero), as in fairchem,
+    so that every parameter has a gradient (DDP expects it); in evaluation only the needed one runs.
+    """
+
+    def __init__(self, backbone, output_name: str = "forces"):
+        super().__init__(backbone, output_name=output_name)
+        self.denoising_pos_block = backbone.compiled(backbone.make_attention(1, alpha_drop=0.0))
+        self.denoising_pos_block.apply(lambda m: init_weights(m, backbone.weight_init))
+
+    def forward(self, data, emb: dict) -> dict:
+        both = self.training and torch.is_grad_enabled()
+        if not is_denoising(data):
+            forces = self.vector(self.force_block, emb)
+            if both:
+                forces = forces + 0.0 * self.vector(self.denoising_pos_block, emb)
+            return {self.output_name: forces}
+        mask = noise_mask(data)
+        noise = self.vector(self.denoising_pos_block, emb)
+        if mask is None:
+            if both:
+                noise = noise + 0.0 * self.vector(self.force_block, emb)
+            return {self.output_name: noise}
+        return {self.output_name: torch.where(mask.unsqueeze(1), noise, self.vector(self.force_block, emb))}
+
+
+class DeNSStressHead(StressHead):
+    """Stress (fairchem's ``dens_rank2_symmetric_head``): :class:`.StressHead`, with the same
+    arguments plus ``use_denoising``: false zeroes its outputs on a denoising forward."""
+
+    def __init__(self, backbone, *args, use_denoising: bool = True, **kwargs):
+        check_arguments({"use_denoising": use_denoising}, {"use_denoising": flag}, type(self).__name__)
+        super().__init__(backbone, *args, **kwargs)
+        self.use_denoising = use_denoising
+
+    def forward(self, data, emb: dict) -> dict:
+        out = super().forward(data, emb)
+        if is_denoising(data) and not self.use_denoising:
+            out = {key: value * 0.0 for key, value in out.items()}
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", use_denoising={self.use_denoising}"
