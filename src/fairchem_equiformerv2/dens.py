@@ -37,12 +37,17 @@ classes run under fairchem's own DeNS trainer (``equiformerv2_dens``) as its cla
 
 In evaluation (validation, prediction, relaxations) no batch carries ``denoising_pos_forward`` and
 the model is a plain EquiformerV2 whose ``l = 0`` input has the constant ``force_embedding.bias``
-added. Corrupting the inputs during training is done by a trainer or by the plugin's training
-objective (:mod:`.dens_objective`), not here.
+added. The inputs are corrupted in training either by a trainer that sets those fields (fairchem's
+``equiformerv2_dens``) or by the backbone itself when its config has a ``denoising`` block
+(:mod:`.dens_objective`: the objective with fairchem's plain trainers). The backbone passes what it
+saw to the heads as ``emb["denoising"]`` (:class:`DenoisingState`).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+from typing import NamedTuple
 
 import torch
 from e3nn import o3
@@ -50,11 +55,13 @@ from torch import nn
 
 from .arguments import check_arguments, flag
 from .backbone import EquiformerV2Backbone
+from .dens_objective import DenoisingConfig, corrupt_batch, dens_generator
+from .errors import ConfigError
 from .heads import EnergyHead, ForceHead, StressHead
 from .nn.linear import SO3Linear
 from .weight_init import init_weights
 
-__all__ = ["is_denoising", "force_encoding", "DeNSBackbone", "DeNSEnergyHead", "DeNSForceHead", "DeNSStressHead"]
+__all__ = ["is_denoising", "DenoisingState", "denoising_state", "force_encoding", "DeNSBackbone", "DeNSEnergyHead", "DeNSForceHead", "DeNSStressHead"]
 
 
 def is_denoising(data) -> bool:
@@ -66,6 +73,27 @@ def noise_mask(data) -> torch.Tensor | None:
     """``data.noise_mask`` as ``[N]`` bool, or ``None`` when the batch has none (all atoms corrupted)."""
     mask = getattr(data, "noise_mask", None)
     return None if mask is None else mask.view(-1).bool()
+
+
+class DenoisingState(NamedTuple):
+    """What the heads need to know about the forward, ``emb["denoising"]``.
+
+    active: a denoising forward.
+    mask: ``[N]`` bool, the corrupted atoms, or ``None`` (all atoms, when ``active``).
+    objective: with the backbone's ``denoising`` block, ``(target [N, 3], scale, output_name)`` for the
+        denoising output (see :mod:`.dens_objective`); ``None`` otherwise.
+    """
+
+    active: bool
+    mask: torch.Tensor | None
+    objective: tuple | None = None
+
+
+def denoising_state(data, emb: dict | None = None) -> DenoisingState:
+    """``emb["denoising"]`` when the backbone wrote it, else read from ``data``'s fields."""
+    if emb is not None and "denoising" in emb:
+        return emb["denoising"]
+    return DenoisingState(is_denoising(data), noise_mask(data) if is_denoising(data) else None)
 
 
 def force_encoding(forces: torch.Tensor, lmax: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,9 +128,17 @@ class DeNSBackbone(EquiformerV2Backbone):
     ``use_force_encoding`` (default true; false zeroes the encoding, the paper's ablation) and
     ``use_noise_schedule_sigma_encoding`` (default false; true adds a linear map of
     ``data.sigmas [N, 1]``, zeros when not denoising, to the ``l = 0`` features).
+
+    ``denoising`` (a dict, see :class:`.dens_objective.DenoisingConfig`) switches on the DeNS training
+    objective inside the model: in training the backbone corrupts (a shallow copy of) the batch
+    itself, and :class:`DeNSForceHead` answers the denoising output. Buffers ``dens_seed`` and
+    ``dens_step`` (training forwards so far) then keep the random stream across checkpoints.
     """
 
-    def __init__(self, *args, use_force_encoding: bool = True, use_noise_schedule_sigma_encoding: bool = False, **kwargs):
+    def __init__(
+        self, *args, use_force_encoding: bool = True, use_noise_schedule_sigma_encoding: bool = False,
+        denoising: dict | None = None, **kwargs,
+    ):
         check_arguments(
             {"use_force_encoding": use_force_encoding, "use_noise_schedule_sigma_encoding": use_noise_schedule_sigma_encoding},
             {"use_force_encoding": flag, "use_noise_schedule_sigma_encoding": flag},
@@ -118,6 +154,48 @@ class DeNSBackbone(EquiformerV2Backbone):
         for module in (self.force_embedding, self.noise_schedule_sigma_embedding):
             if module is not None:
                 module.apply(lambda m: init_weights(m, self.weight_init))
+        self.denoising = None
+        if denoising is not None:
+            if not isinstance(denoising, dict) and not hasattr(denoising, "items"):
+                raise ConfigError(f"{type(self).__name__}: denoising={denoising!r}: must be a mapping of DeNS settings")
+            try:
+                self.denoising = DenoisingConfig(**dict(denoising))
+            except TypeError as error:  # an unknown field
+                fields = [f.name for f in dataclasses.fields(DenoisingConfig)]
+                raise ConfigError(f"{type(self).__name__}: denoising: {error} (fields: {fields})") from None
+            if self.denoising.noise_schedule and not use_noise_schedule_sigma_encoding:
+                logging.warning("denoising.noise_schedule without use_noise_schedule_sigma_encoding: the model is not told the noise level")
+            seed = torch.initial_seed() if self.denoising.seed is None else self.denoising.seed
+            self.register_buffer("dens_seed", torch.tensor(seed % (2**63), dtype=torch.long))
+            self.register_buffer("dens_step", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint trained without the objective (a converted fairchem one) fine-tunes with it
+        if self.denoising is not None:
+            for name in ("dens_seed", "dens_step"):
+                state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _rank() -> int:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return torch.distributed.get_rank() if distributed else 0
+
+    def forward(self, data) -> dict:
+        if self.denoising is None:
+            emb = super().forward(data)
+            emb["denoising"] = denoising_state(data)
+            return emb
+        generator = None
+        if self.training:
+            generator = dens_generator(int(self.dens_seed), self._rank(), int(self.dens_step))
+            self.dens_step += 1
+        corrupted = corrupt_batch(data, self.denoising, generator)
+        emb = super().forward(corrupted.data)
+        state = denoising_state(corrupted.data)
+        objective = (corrupted.target, corrupted.scale, self.denoising.output_name)
+        emb["denoising"] = DenoisingState(state.active, state.mask, objective)
+        return emb
 
     def embed_atoms(self, data, atomic_numbers: torch.Tensor) -> torch.Tensor:
         x = super().embed_atoms(data, atomic_numbers)  # [N, F, C]
@@ -146,6 +224,7 @@ class DeNSBackbone(EquiformerV2Backbone):
             super().extra_repr()
             + f", use_force_encoding={self.use_force_encoding}, "
             f"use_noise_schedule_sigma_encoding={self.use_noise_schedule_sigma_encoding}"
+            + (f", denoising={self.denoising}" if self.denoising is not None else "")
         )
 
 
@@ -163,7 +242,7 @@ class DeNSEnergyHead(EnergyHead):
 
     def forward(self, data, emb: dict) -> dict:
         out = super().forward(data, emb)
-        if is_denoising(data) and not self.use_denoising:
+        if denoising_state(data, emb).active and not self.use_denoising:
             out = {key: value * 0.0 for key, value in out.items()}
         return out
 
@@ -182,6 +261,11 @@ class DeNSForceHead(ForceHead):
 
     In training both blocks run on every forward (the unused one multiplied by zero), as in fairchem,
     so that every parameter has a gradient (DDP expects it); in evaluation only the needed one runs.
+
+    With the backbone's ``denoising`` block (the objective inside the model, :mod:`.dens_objective`)
+    it answers two outputs: ``forces`` (the force block; detached on corrupted atoms) and the
+    denoising output (the denoising block on corrupted atoms, zeros elsewhere, times the objective's
+    scale), and writes the denoising target into the batch under the output's name.
     """
 
     def __init__(self, backbone, output_name: str = "forces"):
@@ -190,19 +274,37 @@ class DeNSForceHead(ForceHead):
         self.denoising_pos_block.apply(lambda m: init_weights(m, backbone.weight_init))
 
     def forward(self, data, emb: dict) -> dict:
+        state = denoising_state(data, emb)
+        if state.objective is not None:
+            return self._objective(data, emb, state)
         both = self.training and torch.is_grad_enabled()
-        if not is_denoising(data):
+        if not state.active:
             forces = self.vector(self.force_block, emb)
             if both:
                 forces = forces + 0.0 * self.vector(self.denoising_pos_block, emb)
             return {self.output_name: forces}
-        mask = noise_mask(data)
+        mask = state.mask
         noise = self.vector(self.denoising_pos_block, emb)
         if mask is None:
             if both:
                 noise = noise + 0.0 * self.vector(self.force_block, emb)
             return {self.output_name: noise}
         return {self.output_name: torch.where(mask.unsqueeze(1), noise, self.vector(self.force_block, emb))}
+
+    def _objective(self, data, emb: dict, state: DenoisingState) -> dict:
+        target, scale, name = state.objective
+        forces = self.vector(self.force_block, emb)  # [N, 3]
+        mask = state.mask if state.active else None
+        if mask is not None:
+            forces = torch.where(mask.unsqueeze(1), forces.detach(), forces)
+        if self.training and torch.is_grad_enabled() or mask is not None:
+            noise = self.vector(self.denoising_pos_block, emb)
+            keep = (mask if mask is not None else torch.zeros_like(target[:, 0], dtype=torch.bool)).unsqueeze(1)
+            noise = torch.where(keep, noise, 0.0 * noise)
+        else:
+            noise = torch.zeros_like(target)
+        data[name] = (target * scale).to(noise.dtype)
+        return {self.output_name: forces, name: noise * scale}
 
 
 class DeNSStressHead(StressHead):
@@ -216,7 +318,7 @@ class DeNSStressHead(StressHead):
 
     def forward(self, data, emb: dict) -> dict:
         out = super().forward(data, emb)
-        if is_denoising(data) and not self.use_denoising:
+        if denoising_state(data, emb).active and not self.use_denoising:
             out = {key: value * 0.0 for key, value in out.items()}
         return out
 
