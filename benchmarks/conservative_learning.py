@@ -119,19 +119,30 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=4, help="conservative epochs after the direct run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--models", nargs="+", default=["direct", "conservative", "fine-tuned"],
+                        choices=["direct", "conservative", "fine-tuned"], help="which runs (fine-tuned needs direct)")
+    parser.add_argument("--conservative-args", nargs="*", default=[], metavar="--KEY=VALUE",
+                        help="a fairchem override for the conservative from-scratch runs, written with =: --conservative-args=--model.backbone.avg_num_nodes=16")
     args = parser.parse_args()
 
     work = args.work_dir
     data = args.data or work / "data"
     if not (data / "s2ef" / "train").exists():
         subprocess.run([executable("fairchem-eqv2"), "demo-data", str(data), "--no-progress"], check=True)
-    results: dict[str, list[dict]] = {"direct": [], "conservative": [], "fine-tuned": []}
+    if "fine-tuned" in args.models and "direct" not in args.models:
+        parser.error("--models fine-tuned needs direct (it starts from the direct run)")
+    results: dict[str, list[dict]] = {name: [] for name in args.models}
     for seed in args.seeds:
+        if "conservative" in args.models:
+            results["conservative"].append(train(
+                CONSERVATIVE, work / f"conservative_{seed}", data, seed, args.epochs, args.threads, args.conservative_args
+            ))
+        if "direct" not in args.models:
+            continue
         direct = train(DIRECT, work / f"direct_{seed}", data, seed, args.epochs, args.threads)
         results["direct"].append(direct)
-        results["conservative"].append(
-            train(CONSERVATIVE, work / f"conservative_{seed}", data, seed, args.epochs, args.threads)
-        )
+        if "fine-tuned" not in args.models:
+            continue
         start = work / f"finetune_{seed}" / "start.pt"
         start.parent.mkdir(parents=True, exist_ok=True)
         to_conservative_checkpoint(Path(direct["checkpoint"]), start, CONSERVATIVE)
@@ -141,7 +152,8 @@ def main() -> None:
         )
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['forces_mae']:.3f}" for k, v in results.items()), flush=True)
 
-    print(f"\nvalidation (demo data, {len(args.seeds)} seeds; best epoch by force MAE; mean ± std)")
+    print(f"\nvalidation (demo data, {len(args.seeds)} seeds; best epoch by force MAE; mean ± std)"
+          + (f"; conservative runs with {' '.join(args.conservative_args)}" if args.conservative_args else ""))
     print("| model | epochs | force MAE (eV/Å) | force cosine | energy MAE (eV) | training time (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     epochs = {"direct": f"{args.epochs}", "conservative": f"{args.epochs}",

@@ -323,6 +323,12 @@ def test_config_errors():
         ConservativeHead(backbone)
 
 
+@pytest.mark.parametrize("option", [{"activation_checkpoint": True}, {"torch_compile": True}])
+def test_refused_backbone_options(option):
+    with pytest.raises(ConfigError, match=next(iter(option))):
+        model(**option)
+
+
 def test_stress_needs_a_volume(conservative):
     atoms = lone_molecule()
     with pytest.raises(InputError, match="volume"):

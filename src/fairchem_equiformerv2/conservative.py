@@ -116,6 +116,17 @@ class ConservativeHead(EnergyHead):
         names = [output_name, forces_name] + ([stress_name] if stress else [])
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"ConservativeHead: output_name, forces_name, stress_name = {names}: must be distinct, non-empty names")
+        if getattr(backbone, "activation_checkpoint", False):
+            raise ConfigError(
+                "ConservativeHead with activation_checkpoint=True: the checkpointed blocks would recompute "
+                "outside plain autograd in the backward pass, where the force loss needs second derivatives; "
+                "set activation_checkpoint: false"
+            )
+        if getattr(backbone, "compile_options", None) is not None:
+            raise ConfigError(
+                "ConservativeHead with torch_compile: torch 2.4's compiled graphs have no double backward, "
+                "which training on gradient forces needs; set torch_compile: false"
+            )
         if getattr(backbone, "energy_gradients", None) is not None:
             raise ConfigError("ConservativeHead: the backbone already serves another ConservativeHead; use one per model")
         super().__init__(backbone, output_name=output_name, reduce=reduce)
