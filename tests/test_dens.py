@@ -255,3 +255,35 @@ def test_fairchem_dens_trainer_drives_our_classes(demo_data, tmp_path):
     losses = [float(x) for x in re.findall(r"dens_trainer\.py.*? loss: ([-+0-9.eE]+)", log)]
     assert len(losses) == 8 and np.isfinite(losses).all()
     assert "denoising_pos_mae" in log  # at least one denoising step (prob 0.5, 8 steps, seed 0)
+
+
+def test_converted_dens_checkpoint_in_ocp_calculator(tmp_path):
+    """A converted fairchem DeNS checkpoint (trainer equiformerv2_dens, as fairchem saves them) loads in
+    fairchem's OCPCalculator through ``calculator`` and gives fairchem's model's energy and forces."""
+    from fairchem_equiformerv2.checkpoints import calculator, convert_checkpoint
+
+    theirs, _ = build_dens_pair(OMAT24, {"energy": {}, "forces": {}})
+    config = {
+        "trainer": "equiformerv2_dens",
+        "model": {"name": "hydra", "pass_through_head_outputs": True,
+                  "backbone": {"model": "equiformer_v2_dens_backbone", **SMALL, **OMAT24},
+                  "heads": {h: {"module": FAIRCHEM_DENS_HEADS[h]} for h in ("energy", "forces")}},
+        "outputs": {"energy": {"level": "system", "shape": 1},
+                    "forces": {"level": "atom", "irrep_dim": 1, "eval_on_free_atoms": True, "train_on_free_atoms": True}},
+        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "l2mae", "coefficient": 10}}],
+        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}},
+        "optim": {"use_denoising_pos": True, "denoising_pos_coefficient": 5,
+                  "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.1}},
+        "dataset": {"train": {"src": "x"}}, "task": {},
+    }
+    src = tmp_path / "dens.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in theirs.state_dict().items()}, "config": config,
+                "normalizers": {}, "elementrefs": {}}, src)
+    dst = convert_checkpoint(src, tmp_path / "dens_plugin.pt")
+    atoms = default_structures()[0]
+    atoms.calc = calculator(dst)
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces(apply_constraint=False)
+    expected = theirs(to_batch([atoms]))
+    assert abs(energy - expected["energy"]["energy"].item()) <= TOLERANCE * abs(expected["energy"]["energy"].item())
+    reference = expected["forces"]["forces"].detach().numpy()
+    assert abs(forces - reference).max() <= TOLERANCE * abs(reference).max()
