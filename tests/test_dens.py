@@ -287,3 +287,40 @@ def test_converted_dens_checkpoint_in_ocp_calculator(tmp_path):
     assert abs(energy - expected["energy"]["energy"].item()) <= TOLERANCE * abs(expected["energy"]["energy"].item())
     reference = expected["forces"]["forces"].detach().numpy()
     assert abs(forces - reference).max() <= TOLERANCE * abs(reference).max()
+
+
+def test_omat24_release_layout_converts(tmp_path, batch):
+    """The DeNS classes of the fairchem release that trained the OMat24 models: named by path
+    (``...equiformer_v2_dens.EqV2DeNSBackbone``, ``DeNSEnergyHead``, ``DeNSForceHead``, ``DeNSRank2Head``),
+    blocks named ``energy_block`` / ``force_block``, and ``use_denoising_energy`` / ``use_denoising_stress``
+    on the backbone. Emulated from 1.10's classes (same computation, renamed blocks): the converted model
+    gives their numbers, and ``use_denoising_stress: false`` zeroes the stress on a denoising forward."""
+    from fairchem_equiformerv2.checkpoints import build_model, convert_checkpoint, read_checkpoint
+
+    module = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
+    theirs, _ = build_dens_pair(OMAT24, OMAT24_HEADS)
+    state = {"module." + k.replace(".scalar_block.", ".energy_block.").replace(".vector_block.", ".force_block."): v
+             for k, v in theirs.state_dict().items()}
+    config = {
+        "trainer": "equiformerv2_forces",
+        "model": {"name": "hydra", "backbone": {
+            "model": module + "EqV2DeNSBackbone", **SMALL, **OMAT24, "use_force_encoding": True,
+            "use_noise_schedule_sigma_encoding": False, "use_denoising_energy": True, "use_denoising_stress": False},
+            "heads": {"energy": {"module": module + "DeNSEnergyHead"}, "forces": {"module": module + "DeNSForceHead"},
+                      "stress": {"module": module + "DeNSRank2Head", "output_name": "stress", **OMAT24_HEADS["stress"]}}},
+        "outputs": {"energy": {"level": "system"}, "forces": {"level": "atom"}},
+        "optim": {"use_denoising_pos": True, "denoising_pos_params": {"prob": 0.5, "fixed_noise_std": True, "std": 0.1},
+                  "denoising_pos_coefficient": 10},
+        "dataset": {"train": {"src": "x"}},
+    }
+    torch.save({"state_dict": state, "config": config}, tmp_path / "omat.pt")
+    converted = read_checkpoint(convert_checkpoint(tmp_path / "omat.pt", tmp_path / "omat_plugin.pt"))
+    ours = build_model(converted["config"]["model"])
+    ours.load_state_dict({k[len("module."):]: v for k, v in converted["state_dict"].items()})
+    assert_parity(theirs, ours, batch)
+    noisy = denoising(to_batch(default_structures()), mask=True)
+    expected, got = theirs(noisy), ours(noisy)
+    for head in ("energy", "forces"):
+        assert max_relative_difference(expected[head][head], got[head][head]) <= TOLERANCE
+    assert ours.output_heads.stress.use_denoising is False and ours.output_heads.energy.use_denoising is True
+    assert all((v == 0).all() for v in got["stress"].values())

@@ -164,7 +164,13 @@ def load_fairchem_weights(model: torch.nn.Module, state_dict: Mapping[str, torch
 PLUGIN_BACKBONE = "fairchem_equiformerv2.EquiformerV2Backbone"
 PLUGIN_DENS_BACKBONE = "fairchem_equiformerv2.DeNSBackbone"
 #: fairchem's EquiformerV2 backbones -> ours
-BACKBONE_MODULES = {"equiformer_v2_backbone": PLUGIN_BACKBONE, "equiformer_v2_dens_backbone": PLUGIN_DENS_BACKBONE}
+#: fairchem's DeNS module; configs of the release that trained the OMat24 models name classes by path
+_DENS_MODULE = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
+BACKBONE_MODULES = {
+    "equiformer_v2_backbone": PLUGIN_BACKBONE,
+    "equiformer_v2_dens_backbone": PLUGIN_DENS_BACKBONE,
+    _DENS_MODULE + "EqV2DeNSBackbone": PLUGIN_DENS_BACKBONE,
+}
 FAIRCHEM_BACKBONES = tuple(BACKBONE_MODULES)
 PLUGIN_BACKBONES = frozenset(BACKBONE_MODULES.values())
 LEGACY_MODEL = "equiformer_v2"
@@ -178,6 +184,12 @@ HEAD_MODULES = {
     "eqV2_DeNS_scalar_head": "fairchem_equiformerv2.DeNSEnergyHead",
     "eqV2_DeNS_vector_head": "fairchem_equiformerv2.DeNSForceHead",
     "dens_rank2_symmetric_head": "fairchem_equiformerv2.DeNSStressHead",
+    # the DeNS heads of the release that trained the OMat24 models (blocks named as the plain heads')
+    "equiformer_v2_dens_energy_head": "fairchem_equiformerv2.DeNSEnergyHead",
+    "equiformer_v2_dens_force_head": "fairchem_equiformerv2.DeNSForceHead",
+    **{_DENS_MODULE + name: f"fairchem_equiformerv2.{ours}" for name, ours in (
+        ("DeNSScalarHead", "DeNSEnergyHead"), ("DeNSVectorHead", "DeNSForceHead"), ("DeNSRank2Head", "DeNSStressHead"),
+        ("DeNSEnergyHead", "DeNSEnergyHead"), ("DeNSForceHead", "DeNSForceHead"))},
 }
 #: the plugin's heads: fairchem's equivalents, and ConservativeHead (energy and its gradients), which has none
 PLUGIN_HEADS = frozenset(HEAD_MODULES.values()) | {"fairchem_equiformerv2.ConservativeHead"}

@@ -53,7 +53,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .arguments import check_arguments, flag
+from .arguments import check_arguments, flag, optional
 from .backbone import EquiformerV2Backbone
 from .dens_objective import DenoisingConfig, corrupt_batch, dens_generator
 from .errors import ConfigError
@@ -127,7 +127,10 @@ class DeNSBackbone(EquiformerV2Backbone):
     Takes every argument of the backbone plus fairchem's two DeNS ones:
     ``use_force_encoding`` (default true; false zeroes the encoding, the paper's ablation) and
     ``use_noise_schedule_sigma_encoding`` (default false; true adds a linear map of
-    ``data.sigmas [N, 1]``, zeros when not denoising, to the ``l = 0`` features).
+    ``data.sigmas [N, 1]``, zeros when not denoising, to the ``l = 0`` features). The DeNS backbone of
+    the fairchem release that trained the OMat24 models also took ``use_denoising_energy`` and
+    ``use_denoising_stress`` (default true), which its heads read; here they are the default of the
+    heads' ``use_denoising``.
 
     ``denoising`` (a dict, see :class:`.dens_objective.DenoisingConfig`) switches on the DeNS training
     objective inside the model: in training the backbone corrupts (a shallow copy of) the batch
@@ -137,14 +140,15 @@ class DeNSBackbone(EquiformerV2Backbone):
 
     def __init__(
         self, *args, use_force_encoding: bool = True, use_noise_schedule_sigma_encoding: bool = False,
-        denoising: dict | None = None, **kwargs,
+        use_denoising_energy: bool = True, use_denoising_stress: bool = True, denoising: dict | None = None, **kwargs,
     ):
-        check_arguments(
-            {"use_force_encoding": use_force_encoding, "use_noise_schedule_sigma_encoding": use_noise_schedule_sigma_encoding},
-            {"use_force_encoding": flag, "use_noise_schedule_sigma_encoding": flag},
-            type(self).__name__,
-        )
+        flags = {
+            "use_force_encoding": use_force_encoding, "use_noise_schedule_sigma_encoding": use_noise_schedule_sigma_encoding,
+            "use_denoising_energy": use_denoising_energy, "use_denoising_stress": use_denoising_stress,
+        }
+        check_arguments(flags, dict.fromkeys(flags, flag), type(self).__name__)
         super().__init__(*args, **kwargs)
+        self.use_denoising_energy, self.use_denoising_stress = bool(use_denoising_energy), bool(use_denoising_stress)
         self.use_force_encoding = use_force_encoding
         self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
         self.force_embedding = SO3Linear(1, self.sphere_channels, self.lmax)
@@ -232,13 +236,16 @@ class DeNSEnergyHead(EnergyHead):
     """Energy per structure ``[B]`` (fairchem's ``eqV2_DeNS_scalar_head``): :class:`.EnergyHead`.
 
     On a denoising forward it predicts the original structure's energy from the corrupted one
-    (Section 3.2), or zero with ``use_denoising=False`` (the paper's ablation).
+    (Section 3.2), or zero with ``use_denoising=False`` (the paper's ablation; default: the backbone's
+    ``use_denoising_energy``, true).
     """
 
-    def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum", use_denoising: bool = True):
-        check_arguments({"use_denoising": use_denoising}, {"use_denoising": flag}, type(self).__name__)
+    def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum", use_denoising: bool | None = None):
+        check_arguments({"use_denoising": use_denoising}, {"use_denoising": optional(flag)}, type(self).__name__)
         super().__init__(backbone, output_name=output_name, reduce=reduce)
-        self.use_denoising = use_denoising
+        if use_denoising is None:
+            use_denoising = getattr(backbone, "use_denoising_energy", True)
+        self.use_denoising = bool(use_denoising)
 
     def forward(self, data, emb: dict) -> dict:
         out = super().forward(data, emb)
@@ -309,12 +316,15 @@ class DeNSForceHead(ForceHead):
 
 class DeNSStressHead(StressHead):
     """Stress (fairchem's ``dens_rank2_symmetric_head``): :class:`.StressHead`, with the same
-    arguments plus ``use_denoising``: false zeroes its outputs on a denoising forward."""
+    arguments plus ``use_denoising``: false zeroes its outputs on a denoising forward (default: the
+    backbone's ``use_denoising_stress``, true)."""
 
-    def __init__(self, backbone, *args, use_denoising: bool = True, **kwargs):
-        check_arguments({"use_denoising": use_denoising}, {"use_denoising": flag}, type(self).__name__)
+    def __init__(self, backbone, *args, use_denoising: bool | None = None, **kwargs):
+        check_arguments({"use_denoising": use_denoising}, {"use_denoising": optional(flag)}, type(self).__name__)
         super().__init__(backbone, *args, **kwargs)
-        self.use_denoising = use_denoising
+        if use_denoising is None:
+            use_denoising = getattr(backbone, "use_denoising_stress", True)
+        self.use_denoising = bool(use_denoising)
 
     def forward(self, data, emb: dict) -> dict:
         out = super().forward(data, emb)
