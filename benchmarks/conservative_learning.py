@@ -7,7 +7,7 @@ For each seed, with fairchem's own CLI and its unmodified ``equiformerv2_forces`
   model, optimizer and epochs, from scratch;
 * ``fine-tuned``: the eSEN recipe (Fu et al. 2025): the ``direct`` run's best checkpoint made
   conservative (its backbone and energy network kept, the force head dropped:
-  :func:`to_conservative_checkpoint`), then trained ``--finetune-epochs`` more epochs with
+  ``fairchem_equiformerv2.conservative_checkpoint.to_conservative_checkpoint``), then trained ``--finetune-epochs`` more epochs with
   configs/demo/s2ef_conservative.yml's data, loss and optimizer (fairchem's ``finetune_config``).
 
 Prints the validation force MAE and cosine (the best epoch by force MAE, which fairchem keeps as
@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
+
+from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECT = ROOT / "configs" / "demo" / "s2ef.yml"
@@ -70,31 +71,6 @@ def train(config: Path, run_dir: Path, data: Path, seed: int, epochs: int, threa
     return {"forces_mae": best["forces_mae"], "forces_cosine": best["forces_cosine_similarity"],
             "energy_mae": best["energy_mae"], "seconds": seconds,
             "checkpoint": str(run_dir / "checkpoints" / "train" / "best_checkpoint.pt")}
-
-
-def to_conservative_checkpoint(source: Path, destination: Path, conservative_config: Path) -> None:
-    """A direct-force checkpoint -> a conservative one: the backbone and the energy network (an
-    EnergyHead's ``energy_block``, which ConservativeHead has too) kept, the force head dropped, the
-    config's heads and normalisers those of ``conservative_config``."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    target = yaml.safe_load(conservative_config.read_text())
-    config = checkpoint["config"]
-    heads = target["model"]["heads"]
-    config["model"]["heads"] = heads
-    normalizer = target["dataset"]["train"]["transforms"]["normalizer"]
-    dataset = config["dataset"].get("train", config["dataset"])  # fairchem keeps the train split's section
-    dataset.setdefault("transforms", {})["normalizer"] = normalizer
-    checkpoint["normalizers"] = {
-        key: {"mean": torch.tensor(float(value["mean"])), "rmsd": torch.tensor(float(value["stdev"]))}
-        for key, value in normalizer.items()
-    }
-    head_names = tuple(f"module.output_heads.{name}." for name in heads)
-    checkpoint["state_dict"] = {
-        key: value for key, value in checkpoint["state_dict"].items()
-        if not key.startswith("module.output_heads.") or key.startswith(head_names)
-    }
-    checkpoint.pop("ema", None)
-    torch.save(checkpoint, destination)
 
 
 def finetune_config(conservative_config: Path, starting_checkpoint: Path, path: Path) -> Path:
@@ -145,7 +121,8 @@ def main() -> None:
             continue
         start = work / f"finetune_{seed}" / "start.pt"
         start.parent.mkdir(parents=True, exist_ok=True)
-        to_conservative_checkpoint(Path(direct["checkpoint"]), start, CONSERVATIVE)
+        start.unlink(missing_ok=True)
+        to_conservative_checkpoint(Path(direct["checkpoint"]), start, yaml.safe_load(CONSERVATIVE.read_text()))
         config = finetune_config(CONSERVATIVE, start, work / f"finetune_{seed}" / "config.yml")
         results["fine-tuned"].append(
             train(config, work / f"finetune_{seed}", data, seed, args.finetune_epochs, args.threads)

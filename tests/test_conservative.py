@@ -14,6 +14,7 @@ translations, periodic images and permutations exact to rounding.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -380,3 +381,35 @@ def test_nve_short_run_conserves_energy():
     print(f"NVE largest energy error per atom over 10 fs: gradient {gradient:.1e} eV, direct {direct:.1e} eV")
     assert gradient <= 3e-4
     assert direct > 10 * gradient
+
+
+def test_direct_checkpoint_becomes_conservative(tmp_path):
+    """The fine-tuning start: a direct model's checkpoint -> one fairchem loads as a conservative model
+    with the same backbone and energy network (the same energy), the conservative config's normalisers."""
+    import yaml
+    from fairchem.core.common.utils import load_model_and_weights_from_checkpoint
+
+    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+
+    direct = model(direct=True, dtype=torch.float32)
+    model_config = {
+        "name": "hydra", "pass_through_head_outputs": True,
+        "backbone": {"model": "fairchem_equiformerv2.EquiformerV2Backbone", **SMALL},
+        "heads": {"energy": {"module": "fairchem_equiformerv2.EnergyHead"}, "forces": {"module": "fairchem_equiformerv2.ForceHead"}},
+    }
+    source = tmp_path / "direct.pt"
+    torch.save({"config": {"model": model_config, "dataset": {"format": "lmdb", "src": "x"}},
+                "state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}, "ema": None}, source)
+    config = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_conservative.yml"))
+    destination = to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
+    with pytest.raises(FileExistsError):
+        to_conservative_checkpoint(source, destination, config)
+    checkpoint = torch.load(destination, weights_only=False)
+    assert not any("output_heads.forces" in key for key in checkpoint["state_dict"])
+    assert float(checkpoint["normalizers"]["forces"]["rmsd"]) == float(checkpoint["normalizers"]["energy"]["rmsd"])
+    conservative = load_model_and_weights_from_checkpoint(str(destination)).eval()
+    batch = to_batch(default_structures()[:1], torch.float32)
+    with torch.no_grad():
+        direct_out, out = direct(batch), conservative(batch)
+    assert torch.allclose(out["energy"], direct_out["energy"], rtol=1e-5)
+    assert out["forces"].shape == direct_out["forces"].shape and torch.isfinite(out["forces"]).all()

@@ -1,0 +1,66 @@
+"""A direct-force checkpoint -> a conservative one: the starting point of conservative fine-tuning.
+
+The eSEN recipe (Fu et al. 2025): pre-train with direct forces (cheaper), then fine-tune with forces as
+the energy's gradient. :class:`.conservative.ConservativeHead` is an ``EnergyHead`` (the same
+``energy_block``), so a direct model's backbone and energy network carry over whole; its force head is
+dropped. The result is a fairchem checkpoint whose config has the conservative heads and normalisers:
+fine-tune it with fairchem's ``finetune_config`` (``benchmarks/conservative_learning.py`` does), or
+load it in ``OCPCalculator``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+CONSERVATIVE_HEAD = "fairchem_equiformerv2.ConservativeHead"
+
+
+def conservative_checkpoint_dict(checkpoint: dict, conservative_config: dict) -> dict:
+    """``checkpoint`` (a fairchem checkpoint dict of a hydra model with this plugin's backbone) with the
+    heads and normalisers of ``conservative_config`` (a fairchem config dict whose model has one
+    ``ConservativeHead``), the state dict's other heads dropped and its EMA and optimizer state left
+    out. The conservative head's weights are those of the direct model's head of the same name."""
+    heads = conservative_config["model"]["heads"]
+    conservative = [name for name, head in heads.items() if head.get("module") == CONSERVATIVE_HEAD]
+    if len(conservative) != 1 or len(heads) != 1:
+        raise ConfigError(f"conservative_config's model.heads must be one {CONSERVATIVE_HEAD}, got {heads}")
+    old_heads = checkpoint["config"]["model"].get("heads") or {}
+    if conservative[0] not in old_heads:
+        raise ConfigError(
+            f"the direct checkpoint has no head named {conservative[0]!r} (its heads: {sorted(old_heads)}) whose "
+            "energy network the ConservativeHead would take over"
+        )
+    new = {key: value for key, value in checkpoint.items() if key not in ("ema", "optimizer", "scheduler", "amp")}
+    config = dict(checkpoint["config"])
+    config["model"] = {**config["model"], "heads": heads}
+    normalizer = conservative_config["dataset"]["train"]["transforms"]["normalizer"]
+    dataset = dict(config.get("dataset") or {})
+    section = dict(dataset.get("train", dataset))  # fairchem keeps the train split's section flat
+    section["transforms"] = {**(section.get("transforms") or {}), "normalizer": normalizer}
+    config["dataset"] = {**dataset, "train": section} if "train" in dataset else section
+    new["config"] = config
+    new["normalizers"] = {
+        key: {"mean": torch.tensor(float(value["mean"])), "rmsd": torch.tensor(float(value["stdev"]))}
+        for key, value in normalizer.items()
+    }
+    keep = f"output_heads.{conservative[0]}."
+    new["state_dict"] = {
+        key: value for key, value in checkpoint["state_dict"].items()
+        if "output_heads." not in key or keep in key
+    }
+    return new
+
+
+def to_conservative_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, conservative_config: dict) -> Path:
+    """Read the direct-force checkpoint ``source``, write :func:`conservative_checkpoint_dict` of it to
+    ``destination`` (a new file: an existing one is refused). Returns ``destination``."""
+    destination = Path(destination)
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists: choose a new file")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    torch.save(conservative_checkpoint_dict(checkpoint, conservative_config), destination)
+    return destination
