@@ -13,7 +13,6 @@ translations, periodic images and permutations exact to rounding.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -400,7 +399,7 @@ def test_direct_checkpoint_becomes_conservative(tmp_path):
     source = tmp_path / "direct.pt"
     torch.save({"config": {"model": model_config, "dataset": {"format": "lmdb", "src": "x"}},
                 "state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}, "ema": None}, source)
-    config = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_conservative.yml"))
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_conservative.yml").read_text())
     destination = to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
     with pytest.raises(FileExistsError):
         to_conservative_checkpoint(source, destination, config)
