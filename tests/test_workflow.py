@@ -52,23 +52,25 @@ def test_config_is_fairchem_hydra_with_plugin_classes(path):
     model = config["model"]
     assert model["name"] == "hydra"
     noisy_nodes = model["backbone"]["model"] == "fairchem_equiformerv2.NoisyNodesBackbone"
-    assert noisy_nodes or model["backbone"]["model"] == "fairchem_equiformerv2.EquiformerV2Backbone"
+    dens = model["backbone"]["model"] == "fairchem_equiformerv2.DeNSBackbone"  # DeNS: its own heads
+    assert noisy_nodes or dens or model["backbone"]["model"] == "fairchem_equiformerv2.EquiformerV2Backbone"
+    prefix = "fairchem_equiformerv2.DeNS" if dens else "fairchem_equiformerv2."
     heads = {name: head["module"] for name, head in model["heads"].items()}
     energy_head = heads.pop("energy")
     conservative = energy_head == "fairchem_equiformerv2.ConservativeHead"  # energy and its gradients
-    assert conservative or energy_head == "fairchem_equiformerv2.EnergyHead"
+    assert conservative or energy_head == f"{prefix}EnergyHead"
     if noisy_nodes:
         assert heads.pop("noisy_nodes") == "fairchem_equiformerv2.NoisyNodesHead"
     if model["backbone"].get("regress_forces", True) and not conservative:
-        assert heads.pop("forces") == "fairchem_equiformerv2.ForceHead"
+        assert heads.pop("forces") == f"{prefix}ForceHead"
     if conservative:  # the forces are the normalised energy's gradient: same stdev, zero mean
         normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
         assert normalizer["forces"]["mean"] == 0 and normalizer["forces"]["stdev"] == normalizer["energy"]["stdev"]
     assert not heads
     # fairchem resolves the dotted names by itself (no registration needed)
-    import fairchem_equiformerv2
+    from fairchem_equiformerv2.backbone import EquiformerV2Backbone
 
-    assert issubclass(registry.get_model_class(model["backbone"]["model"]), fairchem_equiformerv2.EquiformerV2Backbone)
+    assert issubclass(registry.get_model_class(model["backbone"]["model"]), EquiformerV2Backbone)
     optim = config["optim"]
     assert optim["optimizer"] == "AdamW" and optim["scheduler_params"]["lambda_type"] == "cosine"
     assert optim["load_balancing"] == "atoms" and optim["clip_grad_norm"] > 0 and optim["ema_decay"] > 0
