@@ -35,6 +35,17 @@ def default_structures() -> list[Atoms]:
     ]
 
 
+def rotated(structures: list[Atoms], rotation: np.ndarray) -> list[Atoms]:
+    """Copies of ``structures`` with positions and cell turned by the 3x3 ``rotation``."""
+    out = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+        atoms.positions = atoms.positions @ rotation.T
+        out.append(atoms)
+    return out
+
+
 def to_batch(structures: list[Atoms], dtype: torch.dtype = torch.float32):
     """A fairchem ``Batch`` of the structures (``pos``, ``cell``, ``atomic_numbers``, ``natoms``, ...)."""
     data = []

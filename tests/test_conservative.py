@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from e3nn import o3
 from fairchem.core.models.base import HydraModel
-from structures import default_structures, to_batch
+from structures import default_structures, rotated, to_batch
 
 from fairchem_equiformerv2.conservative import ConservativeHead
 from fairchem_equiformerv2.errors import ConfigError, InputError
@@ -154,13 +154,7 @@ def test_rotation(conservative):
     energy, forces = predict(conservative, structures)
     torch.manual_seed(1)
     rotation = o3.rand_matrix(dtype=torch.float64).numpy()
-    rotated = []
-    for atoms in structures:
-        atoms = atoms.copy()
-        atoms.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-        atoms.positions = atoms.positions @ rotation.T
-        rotated.append(atoms)
-    energy_r, forces_r = predict(conservative, rotated)
+    energy_r, forces_r = predict(conservative, rotated(structures, rotation))
     e_err, f_err = rel(energy, energy_r), rel(forces @ torch.from_numpy(rotation).T, forces_r)
     print(f"gradient forces: rotation energy {e_err:.1e}, forces {f_err:.1e}")
     # the direct model's bounds for this variant (test_symmetry.py): the S2 grid's error
@@ -174,13 +168,7 @@ def test_rotation_exact_with_gate_activations():
     energy, forces = predict(m, structures)
     torch.manual_seed(2)
     rotation = o3.rand_matrix(dtype=torch.float64).numpy()
-    rotated = []
-    for atoms in structures:
-        atoms = atoms.copy()
-        atoms.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-        atoms.positions = atoms.positions @ rotation.T
-        rotated.append(atoms)
-    energy_r, forces_r = predict(m, rotated)
+    energy_r, forces_r = predict(m, rotated(structures, rotation))
     assert rel(energy, energy_r) <= 1e-10 and rel(forces @ torch.from_numpy(rotation).T, forces_r) <= 1e-9
 
 

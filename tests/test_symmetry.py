@@ -22,7 +22,7 @@ import pytest
 import torch
 from e3nn import o3
 from fairchem.core.models.base import HydraModel
-from structures import default_structures, to_batch
+from structures import default_structures, rotated, to_batch
 
 SMALL = dict(
     num_layers=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,
@@ -76,13 +76,7 @@ def test_rotation(variant, structures):
     energy, forces = predict(m, structures)
     torch.manual_seed(1)
     rotation = o3.rand_matrix(dtype=torch.float64).numpy()
-    rotated = []
-    for atoms in structures:
-        atoms = atoms.copy()
-        atoms.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-        atoms.positions = atoms.positions @ rotation.T
-        rotated.append(atoms)
-    energy_r, forces_r = predict(m, rotated)
+    energy_r, forces_r = predict(m, rotated(structures, rotation))
     e_bound, f_bound = ROTATION_BOUNDS[name]
     e_err, f_err = rel(energy, energy_r), rel(forces @ torch.from_numpy(rotation).T, forces_r)
     print(f"{name}: rotation energy {e_err:.1e}, forces {f_err:.1e}")

@@ -232,19 +232,16 @@ class DeNSBackbone(EquiformerV2Backbone):
         )
 
 
-class DeNSEnergyHead(EnergyHead):
-    """Energy per structure ``[B]`` (fairchem's ``eqV2_DeNS_scalar_head``): :class:`.EnergyHead`.
+class _DenoisingSwitch:
+    """Head mix-in: ``use_denoising`` (None: the backbone's ``use_denoising_<default_from>``, true);
+    false zeroes the head's outputs on a denoising forward (the paper's ablation)."""
 
-    On a denoising forward it predicts the original structure's energy from the corrupted one
-    (Section 3.2), or zero with ``use_denoising=False`` (the paper's ablation; default: the backbone's
-    ``use_denoising_energy``, true).
-    """
+    default_from: str
 
-    def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum", use_denoising: bool | None = None):
+    def _set_use_denoising(self, backbone, use_denoising: bool | None) -> None:
         check_arguments({"use_denoising": use_denoising}, {"use_denoising": optional(flag)}, type(self).__name__)
-        super().__init__(backbone, output_name=output_name, reduce=reduce)
         if use_denoising is None:
-            use_denoising = getattr(backbone, "use_denoising_energy", True)
+            use_denoising = getattr(backbone, f"use_denoising_{self.default_from}", True)
         self.use_denoising = bool(use_denoising)
 
     def forward(self, data, emb: dict) -> dict:
@@ -255,6 +252,21 @@ class DeNSEnergyHead(EnergyHead):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", use_denoising={self.use_denoising}"
+
+
+class DeNSEnergyHead(_DenoisingSwitch, EnergyHead):
+    """Energy per structure ``[B]`` (fairchem's ``eqV2_DeNS_scalar_head``): :class:`.EnergyHead`.
+
+    On a denoising forward it predicts the original structure's energy from the corrupted one
+    (Section 3.2), or zero with ``use_denoising=False`` (the paper's ablation; default: the backbone's
+    ``use_denoising_energy``, true).
+    """
+
+    default_from = "energy"
+
+    def __init__(self, backbone, output_name: str = "energy", reduce: str = "sum", use_denoising: bool | None = None):
+        self._set_use_denoising(backbone, use_denoising)  # before nn.Module's __init__: checked first
+        super().__init__(backbone, output_name=output_name, reduce=reduce)
 
 
 class DeNSForceHead(ForceHead):
@@ -314,23 +326,13 @@ class DeNSForceHead(ForceHead):
         return {self.output_name: forces, name: noise * scale}
 
 
-class DeNSStressHead(StressHead):
+class DeNSStressHead(_DenoisingSwitch, StressHead):
     """Stress (fairchem's ``dens_rank2_symmetric_head``): :class:`.StressHead`, with the same
     arguments plus ``use_denoising``: false zeroes its outputs on a denoising forward (default: the
     backbone's ``use_denoising_stress``, true)."""
 
+    default_from = "stress"
+
     def __init__(self, backbone, *args, use_denoising: bool | None = None, **kwargs):
-        check_arguments({"use_denoising": use_denoising}, {"use_denoising": optional(flag)}, type(self).__name__)
+        self._set_use_denoising(backbone, use_denoising)
         super().__init__(backbone, *args, **kwargs)
-        if use_denoising is None:
-            use_denoising = getattr(backbone, "use_denoising_stress", True)
-        self.use_denoising = bool(use_denoising)
-
-    def forward(self, data, emb: dict) -> dict:
-        out = super().forward(data, emb)
-        if denoising_state(data, emb).active and not self.use_denoising:
-            out = {key: value * 0.0 for key, value in out.items()}
-        return out
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", use_denoising={self.use_denoising}"
