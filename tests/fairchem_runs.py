@@ -73,6 +73,22 @@ def train_steps(log: str) -> dict[int, tuple[float, float]]:
     return out
 
 
+def relaxation_config(model: dict, src) -> dict:
+    """A ``fairchem --mode run-relaxations`` config: ``model`` (a checkpoint's ``config["model"]``) relaxing
+    the IS2RE LMDB ``src`` for 5 LBFGS steps, with positions written."""
+    return {
+        "trainer": "ocp", "model": model, "logger": "tensorboard",
+        "dataset": {"relax": {"format": "lmdb", "src": str(src)}},
+        "outputs": {"energy": {"shape": 1, "level": "system"},
+                    "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}},
+        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "l2mae", "coefficient": 100}}],
+        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}},
+        "optim": {"batch_size": 1, "eval_batch_size": 2, "num_workers": 0, "lr_initial": 1e-4, "scheduler": "Null"},
+        "task": {"relaxation_steps": 5, "relaxation_fmax": 0.05, "write_pos": True,
+                 "relax_opt": {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}},
+    }
+
+
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     return {re.sub(r"^(module\.)+", "", k): v.float() for k, v in state.items()}

@@ -27,8 +27,13 @@ def _heads(names: dict, head_args: dict) -> dict:
     return {h: {"module": names[h], **head_args.get(h, {})} for h in head_args}
 
 
-def build_pair(backbone_args: dict, head_args: dict, seed: int = 0, perturb: float = 0.1):
-    """(fairchem's model, ours), in eval mode, with identical weights and edge frames.
+def build_pair(
+    backbone_args: dict, head_args: dict, seed: int = 0, perturb: float = 0.1,
+    backbones: tuple[str, str] = ("equiformer_v2_backbone", "fairchem_equiformerv2.EquiformerV2Backbone"),
+    head_names: tuple[dict, dict] = (FAIRCHEM_HEADS, OUR_HEADS),
+):
+    """(fairchem's model, ours), in eval mode, with identical weights and edge frames; ``backbones`` and
+    ``head_names``: (fairchem's, ours) names, for variants such as DeNS.
 
     ``perturb`` adds noise to every fairchem parameter first, so that LayerNorm weights, biases and
     references are not at their trivial initial values.
@@ -36,8 +41,8 @@ def build_pair(backbone_args: dict, head_args: dict, seed: int = 0, perturb: flo
     logging.disable(logging.WARNING)
     torch.manual_seed(seed)
     args = {**SMALL, **backbone_args}
-    theirs = HydraModel(backbone={"model": "equiformer_v2_backbone", **args}, heads=_heads(FAIRCHEM_HEADS, head_args))
-    ours = HydraModel(backbone={"model": "fairchem_equiformerv2.EquiformerV2Backbone", **args}, heads=_heads(OUR_HEADS, head_args))
+    theirs = HydraModel(backbone={"model": backbones[0], **args}, heads=_heads(head_names[0], head_args))
+    ours = HydraModel(backbone={"model": backbones[1], **args}, heads=_heads(head_names[1], head_args))
     logging.disable(logging.NOTSET)
     with torch.no_grad():
         for p in theirs.parameters():

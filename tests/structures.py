@@ -46,6 +46,19 @@ def rotated(structures: list[Atoms], rotation: np.ndarray) -> list[Atoms]:
     return out
 
 
+def moved(structures: list[Atoms]) -> list[Atoms]:
+    """Copies translated (differently each) with atom 0 moved to another periodic image (a, b
+    periodic), then wrapped: the same periodic structures."""
+    out = []
+    for i, atoms in enumerate(structures):
+        atoms = atoms.copy()
+        atoms.translate([1.3, -0.7, 0.4 + i])
+        atoms.positions[0] += atoms.cell[0] - 2 * atoms.cell[1]  # another image of atom 0
+        atoms.wrap(pbc=[True, True, False])
+        out.append(atoms)
+    return out
+
+
 def to_batch(structures: list[Atoms], dtype: torch.dtype = torch.float32):
     """A fairchem ``Batch`` of the structures (``pos``, ``cell``, ``atomic_numbers``, ``natoms``, ...)."""
     data = []

@@ -25,6 +25,7 @@ from fairchem.core.models.equiformer_v2.equiformer_v2_deprecated import Equiform
 from fairchem.core.modules.normalization.element_references import LinearReferences
 from fairchem.core.modules.normalization.normalizer import create_normalizer
 from fairchem.core.trainers import OCPTrainer
+from fairchem_runs import relaxation_config
 from oracle import FAIRCHEM_HEADS, SMALL
 from structures import default_structures, slab_with_adsorbate
 
@@ -368,19 +369,7 @@ def test_fairchem_run_relaxations_with_a_plugin_checkpoint(plugin_checkpoint, tm
     paths = make_demo_data(tmp_path / "data", seed=0, s2ef_sizes={"train": 1, "val": 1, "test": 1},
                            is2re_sizes={"train": 1, "val": 3, "test": 1}, progress=False)
     model = torch.load(plugin_checkpoint, weights_only=True)["config"]["model"]
-    config = {
-        "trainer": "ocp",
-        "model": model,
-        "dataset": {"relax": {"format": "lmdb", "src": str(paths["is2re"]["val"])}},
-        "outputs": {"energy": {"shape": 1, "level": "system"},
-                    "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}},
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "l2mae", "coefficient": 100}}],
-        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}},
-        "optim": {"batch_size": 1, "eval_batch_size": 2, "num_workers": 0, "lr_initial": 1e-4, "scheduler": "Null"},
-        "task": {"relaxation_steps": 5, "relaxation_fmax": 0.05, "write_pos": True,
-                 "relax_opt": {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}},
-        "logger": "tensorboard",
-    }
+    config = relaxation_config(model, paths["is2re"]["val"])
     (tmp_path / "relax.yml").write_text(yaml.safe_dump(config))
     fairchem = Path(sys.executable).with_name("fairchem")
     run = subprocess.run(

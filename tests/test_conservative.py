@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from e3nn import o3
 from fairchem.core.models.base import HydraModel
-from structures import default_structures, rotated, to_batch
+from structures import default_structures, moved, rotated, to_batch
 
 from fairchem_equiformerv2.conservative import ConservativeHead
 from fairchem_equiformerv2.errors import ConfigError, InputError
@@ -175,14 +175,7 @@ def test_rotation_exact_with_gate_activations():
 def test_translation_periodic_images_and_permutation(conservative):
     structures = default_structures()
     energy, forces = predict(conservative, structures)
-    moved = []
-    for i, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.translate([1.3, -0.7, 0.4 + i])
-        atoms.positions[0] += atoms.cell[0] - 2 * atoms.cell[1]  # another image of atom 0
-        atoms.wrap(pbc=[True, True, False])
-        moved.append(atoms)
-    energy_m, forces_m = predict(conservative, moved)
+    energy_m, forces_m = predict(conservative, moved(structures))
     assert rel(energy, energy_m) <= 1e-10 and rel(forces, forces_m) <= 1e-10
 
     permutations = [torch.randperm(len(a), generator=torch.Generator().manual_seed(i)) for i, a in enumerate(structures)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from fairchem_runs import (  # noqa: F401  (demo_data is a fixture)
-    CONFIGS, SEED, base_env, demo_data, fairchem_cmd, run, train_steps, val_metrics,
+    CONFIGS, SEED, base_env, demo_data, fairchem_cmd, relaxation_config, run, train_steps, val_metrics,
 )
 
 CONSERVATIVE = CONFIGS / "demo" / "s2ef_conservative.yml"
@@ -45,17 +45,7 @@ def test_conservative_train_predict_relax(demo_data, tmp_path):
 
     # fairchem's relaxations (OCPCalculator's trainer, under torch.no_grad)
     model = torch.load(checkpoint, weights_only=False)["config"]["model"]
-    config = {
-        "trainer": "ocp", "model": model, "logger": "tensorboard",
-        "dataset": {"relax": {"format": "lmdb", "src": str(demo_data / "is2re" / "val")}},
-        "outputs": {"energy": {"shape": 1, "level": "system"},
-                    "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}},
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "l2mae", "coefficient": 100}}],
-        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}},
-        "optim": {"batch_size": 1, "eval_batch_size": 2, "num_workers": 0, "lr_initial": 1e-4, "scheduler": "Null"},
-        "task": {"relaxation_steps": 5, "relaxation_fmax": 0.05, "write_pos": True,
-                 "relax_opt": {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}},
-    }
+    config = relaxation_config(model, demo_data / "is2re" / "val")
     (tmp_path / "relax.yml").write_text(yaml.safe_dump(config))
     run(fairchem_cmd() + ["--mode", "run-relaxations", "--config-yml", tmp_path / "relax.yml",
                           "--checkpoint", checkpoint, "--cpu", "--run-dir", tmp_path / "relax"],

@@ -1,19 +1,16 @@
 """DeNS: our DeNSBackbone and heads against fairchem 1.10's own (EqV2DeNSBackbone, eqV2_DeNS_*_head,
 dens_rank2_symmetric_head) with the same weights; plain forwards, denoising forwards with given forces
 (all atoms, a noise mask, a noise-schedule sigma), the ablation switches, and checkpoint conversion."""
-import logging
 import math
 
 import pytest
 import torch
 from fairchem_runs import demo_data  # noqa: F401  (fixture)
-from oracle import SMALL, max_relative_difference
+from oracle import SMALL, build_pair, max_relative_difference
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2.checkpoints import load_fairchem_weights
 from fairchem_equiformerv2.dens import force_encoding
 from fairchem_equiformerv2.errors import ConfigError
-from fairchem_equiformerv2.so3.frames import edge_frames
 
 TOLERANCE = 1e-5  # relative, float32, as tests/test_parity.py
 
@@ -32,25 +29,12 @@ OMAT24_HEADS = {"energy": {}, "forces": {}, "stress": dict(decompose=True, use_s
 
 def build_dens_pair(backbone_args: dict, head_args: dict, seed: int = 0, perturb: float = 0.1):
     """(fairchem's DeNS model, ours), eval mode, identical weights and edge frames (tests/oracle.py's
-    ``build_pair`` for the DeNS classes)."""
-    from fairchem.core.models.base import HydraModel
-
-    logging.disable(logging.WARNING)
-    torch.manual_seed(seed)
-    args = {**SMALL, **backbone_args}
-
-    def heads(names):
-        return {h: {"module": names[h], **head_args[h]} for h in head_args}
-
-    theirs = HydraModel(backbone={"model": "equiformer_v2_dens_backbone", **args}, heads=heads(FAIRCHEM_DENS_HEADS))
-    ours = HydraModel(backbone={"model": "fairchem_equiformerv2.DeNSBackbone", **args}, heads=heads(OUR_DENS_HEADS))
-    logging.disable(logging.NOTSET)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(perturb * torch.randn_like(p))
-    load_fairchem_weights(ours, theirs.state_dict())
-    theirs.backbone._init_edge_rot_mat = lambda data, edge_index, edge_vec: edge_frames(edge_vec)
-    return theirs.eval(), ours.eval()
+    ``build_pair`` with the DeNS classes)."""
+    return build_pair(
+        backbone_args, head_args, seed, perturb,
+        backbones=("equiformer_v2_dens_backbone", "fairchem_equiformerv2.DeNSBackbone"),
+        head_names=(FAIRCHEM_DENS_HEADS, OUR_DENS_HEADS),
+    )
 
 
 @pytest.fixture()

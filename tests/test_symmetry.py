@@ -22,7 +22,7 @@ import pytest
 import torch
 from e3nn import o3
 from fairchem.core.models.base import HydraModel
-from structures import default_structures, rotated, to_batch
+from structures import default_structures, moved, rotated, to_batch
 
 SMALL = dict(
     num_layers=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8,
@@ -86,14 +86,7 @@ def test_rotation(variant, structures):
 def test_translation_and_periodic_images(variant, structures):
     _, m = variant
     energy, forces = predict(m, structures)
-    moved = []
-    for i, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.translate([1.3, -0.7, 0.4 + i])
-        atoms.positions[0] += atoms.cell[0] - 2 * atoms.cell[1]  # another image of atom 0
-        atoms.wrap(pbc=[True, True, False])
-        moved.append(atoms)
-    energy_m, forces_m = predict(m, moved)
+    energy_m, forces_m = predict(m, moved(structures))
     assert rel(energy, energy_m) <= EXACT and rel(forces, forces_m) <= EXACT
 
 
