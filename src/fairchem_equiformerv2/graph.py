@@ -135,12 +135,14 @@ def _pairs(natoms: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, t
     return first_atom + r // n, first_atom + r % n
 
 
-def check_no_close_pairs(pos: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor, natoms: torch.Tensor) -> None:
+def check_no_close_pairs(
+    pos: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor, natoms: torch.Tensor, batch: torch.Tensor
+) -> None:
     """Raise :class:`InputError` naming two atoms of one structure (or an atom and a periodic image of
     another) closer than :data:`MIN_DISTANCE`.
 
     ``pos [N, 3]``, ``cell [B, 3, 3]`` (a :func:`search_cell`, invertible), ``periodic [B, 3]``,
-    ``natoms [B]``. Every pair of a structure is compared, in chunks, as the minimum image along the
+    ``natoms [B]``, ``batch [N]``. Every pair of a structure is compared, in chunks, as the minimum image along the
     periodic directions (exact for distances this small: the nearest image's fractional difference is
     under a half in every direction whose cell height exceeds twice the threshold).
     """
@@ -148,7 +150,6 @@ def check_no_close_pairs(pos: torch.Tensor, cell: torch.Tensor, periodic: torch.
     npairs = int((natoms * natoms).sum())
     if int(natoms.max()) < 2:
         return
-    batch = torch.repeat_interleave(torch.arange(len(natoms), device=pos.device), natoms)
     cell = cell.double()
     frac = torch.linalg.solve(cell.transpose(1, 2)[batch], pos.double().unsqueeze(2)).squeeze(2)  # [N, 3]
     for start in range(0, npairs, _PAIR_CHUNK):
@@ -213,7 +214,7 @@ def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
     periodic = periodic_directions(data, settings.use_pbc, cell)
     with torch.no_grad():  # the search's cell and the check only choose edges: no gradient through them
         searched = search_cell(cell, periodic)
-        check_no_close_pairs(pos, searched, periodic, natoms)
+        check_no_close_pairs(pos, searched, periodic, natoms, data.batch)
 
     if not settings.otf_graph and getattr(data, "edge_index", None) is not None:
         edge_index = data.edge_index
@@ -222,7 +223,7 @@ def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
             cell_offsets = pos.new_zeros(edge_index.shape[1], 3)
     else:
         with torch.no_grad():  # indices and whole-cell offsets; the vectors below carry the gradients
-            edge_index, cell_offsets = _search(pos, searched, periodic, natoms, settings, search)
+            edge_index, cell_offsets = _search(pos, searched, periodic, natoms, data.batch, settings, search)
 
     source, target = edge_index
     vec = pos[source] - pos[target]
@@ -240,7 +241,9 @@ def build_graph(data, settings: GraphSettings, search: RadiusSearch) -> Graph:
     )
 
 
-def _search(pos, cell, periodic, natoms, settings: GraphSettings, search: RadiusSearch) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(
+    pos, cell, periodic, natoms, batch, settings: GraphSettings, search: RadiusSearch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fairchem's ``radius_graph_pbc`` over groups of structures that share their periodic directions
     (each structure alone with ``use_pbc_single``, as fairchem). Returns ``edge_index [2, E]`` in the
     batch's atom numbering and ``cell_offsets [E, 3]``."""
@@ -250,7 +253,6 @@ def _search(pos, cell, periodic, natoms, settings: GraphSettings, search: Radius
     else:
         patterns, group_of = torch.unique(periodic, dim=0, return_inverse=True)
         groups = [(group_of == g).nonzero().flatten() for g in range(len(patterns))]
-    batch = torch.repeat_interleave(torch.arange(num_structures, device=pos.device), natoms)
     edges, offsets = [], []
     for structures in groups:
         atoms = torch.isin(batch, structures).nonzero().flatten()
