@@ -1,19 +1,34 @@
-"""Noisy Nodes vs. the same model without it, on demo IS2RE data (EMT relaxations), several seeds.
+"""Noisy Nodes against the same model without it on demo IS2RE data (EMT relaxations): seeds, ablations,
+the train-versus-validation gap and the auxiliary head's error.
 
-Trains configs/demo/is2re.yml (baseline) and configs/demo/is2re_noisy_nodes.yml (the same model and
-optimizer + Noisy Nodes) with fairchem's own CLI and trainer, for each seed, and prints the relaxed-
-energy MAE on the validation split (EMA weights, as fairchem validates) as mean ± std over seeds; saves
-a plot of the validation curves (mean ± std band per method) and the raw numbers as JSON.
+Every run is fairchem's own CLI and trainer on a config written from configs/demo/is2re.yml (baseline) or
+configs/demo/is2re_noisy_nodes.yml (the same model and optimizer + Noisy Nodes), resized by ``--model``:
 
-    python benchmarks/noisy_nodes.py                               # 300 train / 60 val, 3 seeds
-    python benchmarks/noisy_nodes.py --seeds 0 1 2 3 4 --epochs 20 --jobs 2   # longer: ~4x the time
+    python benchmarks/noisy_nodes.py            # the fair test: OC20-like data, 6-layer 64-channel model
+    python benchmarks/noisy_nodes.py --model demo --recipe demo --n-train 300 --n-val 60 --epochs 8 \\
+        --methods baseline noisy_nodes          # the demo model on the quick demo data
 
-Runs go two at a time by default (``--jobs``), each with one thread; ``pos_std`` is measured on the
-training split and ``decay_steps`` set to the whole run, as the configs' comments prescribe.
+Methods (``--methods``; baseline and noisy_nodes take every ``--seeds``, the ablations the first seed):
+
+* ``baseline``: EquiformerV2, energy only.
+* ``noisy_nodes``: the reference recipe: probability 0.5, interpolation + 0.3 Å noise, L1 loss summed over
+  x, y, z, target divided by the mean norm of (relaxed - corrupted input), coefficient 15 -> 1 over the run.
+* ``aux_only``: probability 0: no corruption, only the auxiliary task (predict the relaxed displacement
+  from the clean input, IS2RS-style).
+* ``coefficient_1``: the auxiliary coefficient 1 throughout (no 15 -> 1 schedule).
+* ``matched_noise``: noise std = the std of the data's relaxed displacement components.
+* ``l2mae_std``: an L2-norm MAE and the target divided by that std (this plugin's earlier choices).
+
+Printed per method (mean ± std over seeds): validation relaxed-energy MAE at the last and the best epoch,
+the training-split MAE of the final model on clean inputs (EMA weights, fairchem's ``--mode validate``)
+and the gap, and the auxiliary head's validation MAE against its zero-prediction level. Saves a plot
+(``--plot``) and every run's numbers as JSON under ``--work-dir``; finished runs are not redone, so an
+interrupted benchmark resumes. Runs go ``--jobs`` at a time, each with ``--threads`` threads.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -24,9 +39,36 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"baseline": ROOT / "configs" / "demo" / "is2re.yml",
            "noisy_nodes": ROOT / "configs" / "demo" / "is2re_noisy_nodes.yml"}
+
+#: ``--model`` presets: backbone fields and optimizer fields over the demo configs.
+MODELS = {
+    "demo": ({}, {}),
+    "deep": (  # 6 layers, 64 channels, lmax 2; dropout as the published OC20 IS2RE config
+        {"num_layers": 6, "sphere_channels": 64, "attn_hidden_channels": 64, "num_heads": 4,
+         "attn_alpha_channels": 16, "attn_value_channels": 8, "ffn_hidden_channels": 128, "edge_channels": 64,
+         "alpha_drop": 0.1, "drop_path_rate": 0.05},
+        {"lr_initial": 0.001, "ema_decay": 0.99},
+    ),
+}
+
+#: Noisy Nodes knobs per method (``None``: the baseline); "std" stands for the measured displacement std.
+METHODS: dict[str, dict | None] = {
+    "baseline": None,
+    "noisy_nodes": {},
+    "aux_only": {"probability": 0.0},
+    "coefficient_1": {"coefficient_start": 1.0},
+    "matched_noise": {"noise_std": "std"},
+    "l2mae_std": {"loss": "l2mae", "pos_std": "std"},
+}
+LABELS = {"baseline": "EquiformerV2", "noisy_nodes": "+ Noisy Nodes", "aux_only": "+ auxiliary task only (p = 0)",
+          "coefficient_1": "+ Noisy Nodes, coefficient 1", "matched_noise": "+ Noisy Nodes, noise = displacement std",
+          "l2mae_std": "+ Noisy Nodes, L2MAE / std target"}
+MULTI_SEED = ("baseline", "noisy_nodes")
 
 
 def fairchem_cmd() -> list[str]:
@@ -34,146 +76,217 @@ def fairchem_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "fairchem.core._cli"]
 
 
-def val_curve(log: str) -> dict[float, float]:
-    """{epoch: val energy_mae} from fairchem's validation log lines."""
-    out = {}
+def val_lines(log: str) -> list[dict[str, float]]:
+    """The metrics of each of fairchem's validation log lines (``energy_mae: ..., epoch: ...``)."""
+    out = []
     for line in log.splitlines():
         if "base_trainer.py" in line and "energy_mae:" in line and "epoch:" in line:
-            m = dict(re.findall(r"(\w+): ([-+0-9.eE]+)", line.split("(INFO):", 1)[1]))
-            out[float(m["epoch"])] = float(m["energy_mae"])
+            out.append({k: float(v) for k, v in re.findall(r"(\w+): ([-+0-9.eE]+)", line.split("(INFO):", 1)[1])})
     return out
 
 
-def make_data(out: Path, n_train: int, n_val: int, seed: int) -> Path:
+def make_data(out: Path, args) -> Path:
     from fairchem_equiformerv2.demo_data import make_demo_data
 
-    marker = out / f"done_{n_train}_{n_val}_{seed}"
+    marker = out / f"done_{args.recipe}_{args.n_train}_{args.n_val}_{args.data_seed}"
     if not marker.exists():
-        make_demo_data(out, seed=seed, s2ef_sizes={"train": 1, "val": 1, "test": 1},
-                       is2re_sizes={"train": n_train, "val": n_val, "test": 1}, progress=False)
+        make_demo_data(out, seed=args.data_seed, s2ef_sizes={"train": 1, "val": 1, "test": 1},
+                       is2re_sizes={"train": args.n_train, "val": args.n_val, "test": 1}, progress=False,
+                       overwrite=True, is2re_recipe=args.recipe)
         marker.touch()
     return out / "is2re"
 
 
-def energy_stats(src: Path) -> tuple[float, float]:
+def data_statistics(data: Path, noise_std: float) -> dict[str, float]:
     from fairchem.core.datasets import LmdbDataset
 
-    dataset = LmdbDataset({"src": str(src)})
+    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, displacement_std, free_displacements
+
+    dataset = LmdbDataset({"src": str(data / "train")})
     energies = [float(dataset[i].y_relaxed) for i in range(len(dataset))]
-    return statistics.fmean(energies), statistics.pstdev(energies)
+    distances = free_displacements(data / "train").norm(dim=1)
+    return {"energy_mean": statistics.fmean(energies), "energy_std": statistics.pstdev(energies),
+            "displacement_mean": float(distances.mean()), "displacement_median": float(distances.median()),
+            "displacement_std": displacement_std(data / "train"),
+            "target_norm": corrupted_target_norm(data / "train", noise_std=noise_std),
+            "val_displacement": free_displacements(data / "val")}
 
 
-def train(method: str, seed: int, data: Path, work: Path, args, extra: list[str]) -> dict:
-    run_dir = work / f"{method}_seed{seed}"
-    log_path = work / f"{method}_seed{seed}.log"
-    cmd = fairchem_cmd() + [
-        "--mode", "train", "--config-yml", str(CONFIGS[method]), "--cpu", "--seed", str(seed),
-        "--run-dir", str(run_dir), "--timestamp-id", "run", "--print-every", "1000",
-        f"--dataset.train.src={data}/train", f"--dataset.val.src={data}/val",
-        f"--optim.max_epochs={args.epochs}", f"--optim.batch_size={args.batch_size}",
-        f"--optim.eval_batch_size={args.batch_size}", f"--optim.scheduler_params.warmup_epochs={args.warmup_epochs}",
-        *extra,
-    ]
-    if method == "noisy_nodes":
-        cmd += [f"--model.backbone.noisy_nodes.{k}={v}" for k, v in args.noisy_nodes.items()]
-    start = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+def write_config(method: str, data: Path, stats: dict, args, work: Path) -> Path:
+    config = yaml.safe_load(CONFIGS["baseline" if METHODS[method] is None else "noisy_nodes"].read_text())
+    backbone_fields, optim_fields = MODELS[args.model]
+    config["model"]["backbone"].update(backbone_fields)
+    config["dataset"]["train"]["src"] = str(data / "train")
+    config["dataset"]["val"]["src"] = str(data / "val")
+    config["dataset"]["train"]["transforms"]["normalizer"]["energy"] = {
+        "mean": stats["energy_mean"], "stdev": stats["energy_std"]}
+    steps = -(-args.n_train // args.batch_size) * args.epochs
+    config["optim"].update(optim_fields, max_epochs=args.epochs, batch_size=args.batch_size,
+                           eval_batch_size=args.batch_size)
+    config["optim"]["scheduler_params"]["warmup_epochs"] = args.warmup_epochs
+    if METHODS[method] is not None:
+        knobs = {"pos_std": round(stats["target_norm"], 4), "decay_steps": steps, "loss": "l1"}
+        knobs.update(METHODS[method])
+        knobs = {k: (round(stats["displacement_std"], 4) if v == "std" else v) for k, v in knobs.items()}
+        config["model"]["backbone"]["noisy_nodes"].update(knobs)
+        for loss in config["loss_functions"]:
+            if "noisy_nodes" in loss:
+                loss["noisy_nodes"]["fn"] = "mae" if knobs["loss"] == "l1" else "l2mae"
+        config["evaluation_metrics"]["metrics"]["noisy_nodes"] = ["mae"]
+    path = work / "configs" / f"{method}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def fairchem(args_list: list[str], log_path: Path, threads: int) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(fairchem_cmd() + args_list, stdout=f, stderr=subprocess.STDOUT, env=env)
     log = log_path.read_text()
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed, see {log_path}:\n{log[-3000:]}")
-    curve = val_curve(log)
-    return {"method": method, "seed": seed, "curve": curve, "final": curve[max(curve)], "best": min(curve.values()),
-            "seconds": time.time() - start}
+        raise RuntimeError(f"fairchem {' '.join(args_list[:2])} failed, see {log_path}:\n{log[-3000:]}")
+    return log
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def run(method: str, seed: int, config: Path, data: Path, work: Path, args) -> dict:
+    result_path = work / f"{method}_seed{seed}.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    run_dir = work / f"{method}_seed{seed}"
+    start = time.time()
+    common = ["--config-yml", str(config), "--cpu", "--seed", str(seed), "--timestamp-id", "run"]
+    log = fairchem(["--mode", "train", *common, "--run-dir", str(run_dir), "--print-every", "1000"],
+                   work / f"{method}_seed{seed}.log", args.threads)
+    curve = val_lines(log)
+    checkpoint = run_dir / "checkpoints" / "run" / "checkpoint.pt"
+    train_log = fairchem(["--mode", "validate", *common, "--run-dir", str(run_dir / "on_train"),
+                          "--checkpoint", str(checkpoint), f"--dataset.val.src={data / 'train'}"],
+                         work / f"{method}_seed{seed}_on_train.log", args.threads)
+    pos_std = yaml.safe_load(config.read_text())["model"]["backbone"].get("noisy_nodes", {}).get("pos_std")
+    result = {"method": method, "seed": seed, "curve": curve, "on_train": val_lines(train_log)[-1],
+              "pos_std": pos_std, "seconds": time.time() - start}
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def aux_ratio(result: dict, val_mean_abs_displacement: float) -> list[float]:
+    """Per epoch: the auxiliary head's validation MAE over the MAE of predicting zero (1 = no better)."""
+    zero = val_mean_abs_displacement / result["pos_std"]
+    return [c["noisy_nodes_mae"] / zero for c in result["curve"]]
+
+
+def report(results: list[dict], val_mean_abs_displacement: float) -> str:
+    lines = ["| model | seeds | val, last epoch | val, best epoch | train, final model | gap (val - train) "
+             "| auxiliary head, val, / zero-prediction MAE |", "|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        last = [r["curve"][-1]["energy_mae"] for r in runs]
+        best = [min(c["energy_mae"] for c in r["curve"]) for r in runs]
+        train = [r["on_train"]["energy_mae"] for r in runs]
+        aux = [aux_ratio(r, val_mean_abs_displacement)[-1] for r in runs if r["pos_std"]]
+        lines.append(f"| {LABELS[method]} | {','.join(str(r['seed']) for r in runs)} | {mean_std(last)} | "
+                     f"{mean_std(best)} | {mean_std(train)} | {mean_std([v - t for v, t in zip(last, train)])} | "
+                     f"{mean_std(aux) if aux else '-'} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], val_mean_abs_displacement: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method, color in (("baseline", "tab:blue"), ("noisy_nodes", "tab:orange")):
+    fig, (ax_energy, ax_aux) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    for method in METHODS:
         runs = [r for r in results if r["method"] == method]
-        epochs = sorted(runs[0]["curve"])
-        values = np.array([[r["curve"][e] for e in epochs] for r in runs])
-        mean, std = values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else np.zeros(len(epochs))
-        for v in values:
-            ax.plot(epochs, v, color=color, alpha=0.25, lw=0.8)
-        label = "EquiformerV2" if method == "baseline" else "EquiformerV2 + Noisy Nodes"
-        ax.plot(epochs, mean, color=color, lw=2, label=f"{label} (mean of {len(runs)} seeds)")
-        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation relaxed-energy MAE (eV)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        if not runs:
+            continue
+        epochs = [c["epoch"] for c in runs[0]["curve"]]
+        style = {"color": colors[method], "lw": 2 if method in MULTI_SEED else 1.2,
+                 "ls": "-" if method in MULTI_SEED else "--"}
+        energy = np.array([[c["energy_mae"] for c in r["curve"]] for r in runs])
+        label = f"{LABELS[method]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        ax_energy.plot(epochs, energy.mean(0), label=label, **style)
+        if len(runs) > 1:
+            ax_energy.fill_between(epochs, energy.min(0), energy.max(0), color=colors[method], alpha=0.15)
+        train = np.mean([r["on_train"]["energy_mae"] for r in runs])
+        ax_energy.scatter([epochs[-1] + 0.3], [train], color=colors[method], marker="v", s=30)
+        if runs[0]["pos_std"]:
+            aux = np.array([aux_ratio(r, val_mean_abs_displacement) for r in runs])
+            ax_aux.plot(epochs, aux.mean(0), label=LABELS[method], **style)
+    ax_aux.axhline(1.0, color="k", ls=":", label="predicting zero")
+    ax_energy.set(xlabel="epoch", ylabel="relaxed-energy MAE (eV)",
+                  title="validation (lines; band: min-max over seeds); final model on train split (▼)")
+    ax_aux.set(xlabel="epoch", ylabel="MAE / MAE of predicting zero",
+               title="auxiliary head on the validation split (clean inputs)")
+    for ax in (ax_energy, ax_aux):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.title.set_fontsize(8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/eqv2_noisy_nodes_bench"))
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "noisy_nodes.png")
+    parser.add_argument("--model", choices=sorted(MODELS), default="deep")
+    parser.add_argument("--recipe", choices=["demo", "oc20"], default="oc20", help="demo-data --is2re-recipe")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--n-train", type=int, default=300)
-    parser.add_argument("--n-val", type=int, default=60)
+    parser.add_argument("--n-train", type=int, default=400)
+    parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--warmup-epochs", type=float, default=0.5)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra fairchem overrides for both methods, e.g. model.backbone.num_layers=1")
     args = parser.parse_args()
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = make_data(work / "data", args.n_train, args.n_val, args.data_seed)
-    from fairchem_equiformerv2.noisy_nodes import displacement_std
+    data = make_data(work / "data", args)
+    noise_std = yaml.safe_load(CONFIGS["noisy_nodes"].read_text())["model"]["backbone"]["noisy_nodes"]["noise_std"]
+    stats = data_statistics(data, noise_std)
+    val_displacement = stats.pop("val_displacement")
+    val_mean_abs_displacement = float(val_displacement.abs().mean())  # Å, per component: the zero-prediction MAE x pos_std
+    print(f"data ({args.recipe} recipe): {args.n_train} train / {args.n_val} val systems ({time.time() - t0:.0f} s); "
+          + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()), flush=True)
 
-    pos_std = displacement_std(data / "train")
-    mean, stdev = energy_stats(data / "train")
-    steps = -(-args.n_train // args.batch_size) * args.epochs
-    args.noisy_nodes = {"pos_std": round(pos_std, 4), "decay_steps": steps}
-    extra = [f"--dataset.train.transforms.normalizer.energy.mean={mean}",
-             f"--dataset.train.transforms.normalizer.energy.stdev={stdev}"] + [f"--{kv}" for kv in args.set]
-    print(f"data: {args.n_train} train / {args.n_val} val systems ({time.time() - t0:.0f} s); "
-          f"energy mean {mean:.3f} std {stdev:.3f} eV; displacement std {pos_std:.3f} A; "
-          f"{steps} optimizer steps per run", flush=True)
-
-    jobs = [(method, seed) for seed in args.seeds for method in ("baseline", "noisy_nodes")]
+    configs = {method: write_config(method, data, stats, args, work) for method in args.methods}
+    jobs = [(m, s) for s in args.seeds for m in args.methods if m in MULTI_SEED]
+    jobs += [(m, args.seeds[0]) for m in args.methods if m not in MULTI_SEED]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: train(*job, data, work, args, extra), jobs))
+        results = list(pool.map(lambda job: run(*job, configs[job[0]], data, work, args), jobs))
     for r in results:
-        print(f"  {r['method']:12s} seed {r['seed']}: final {r['final']:.4f}  best {r['best']:.4f} eV  ({r['seconds']:.0f} s)")
+        print(f"  {r['method']:14s} seed {r['seed']}: val last {r['curve'][-1]['energy_mae']:.4f}, "
+              f"train {r['on_train']['energy_mae']:.4f} eV ({r['seconds']:.0f} s)")
 
-    rows = []
-    for method in ("baseline", "noisy_nodes"):
-        runs = [r for r in results if r["method"] == method]
-        rows.append((method, mean_std([r["final"] for r in runs]), mean_std([r["best"] for r in runs])))
-    print(f"\nValidation relaxed-energy MAE (eV), {len(args.seeds)} seeds, {args.epochs} epochs, "
-          f"{args.n_train} train / {args.n_val} val:")
-    print("| model | final epoch | best epoch |\n|---|---|---|")
-    for method, (fm, fs), (bm, bs) in rows:
-        name = "EquiformerV2" if method == "baseline" else "EquiformerV2 + Noisy Nodes"
-        print(f"| {name} | {fm:.4f} ± {fs:.4f} | {bm:.4f} ± {bs:.4f} |")
-    title = (f"demo IS2RE (EMT), {args.n_train} train / {args.n_val} val, {args.epochs} epochs, "
-             f"seeds {args.seeds}")
-    plot(results, args.plot, title)
-    (work / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("work_dir", "plot")},
-                                                    "results": results}, indent=1, default=str))
+    print(f"\nRelaxed-energy MAE (eV), {args.model} model, {args.epochs} epochs, {args.n_train} train / "
+          f"{args.n_val} val systems ({args.recipe} recipe):")
+    print(report(results, val_mean_abs_displacement))
+    title = (f"demo IS2RE ({args.recipe} recipe, EMT), {args.n_train} train / {args.n_val} val, "
+             f"{args.model} model, {args.epochs} epochs")
+    plot(results, val_mean_abs_displacement, args.plot, title)
+    (work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                    "data": stats, "val_mean_abs_displacement": val_mean_abs_displacement,
+                                                    "results": results}, indent=1))
     print(f"\nplot: {args.plot}\nraw: {work / 'results.json'}\ntotal {time.time() - t0:.0f} s")
 
 

@@ -178,3 +178,46 @@ def test_rejects_bad_sizes(tmp_path):
         make_demo_data(tmp_path, s2ef_sizes={"val": 0}, progress=False)
     with pytest.raises(UserInputError, match="unknown split"):
         make_demo_data(tmp_path, is2re_sizes={"dev": 3}, progress=False)
+
+
+def test_oc20_recipe_starts_high_anywhere_and_relaxes_further():
+    """The ``oc20`` IS2RE recipe: the adsorbate's binding atom starts 2.5-3.5 Å above the top layer at
+    any lateral position, and the relaxation goes on to fmax 0.05 eV/Å, so atoms move further than in
+    the ``demo`` recipe."""
+    from fairchem_equiformerv2.demo_data import IS2RE_RECIPES
+    from fairchem_equiformerv2.demo_structures import TAG_ADSORBATE, TAG_SURFACE
+
+    moved = {}
+    for recipe in ("demo", "oc20"):
+        distances = []
+        for data in is2re_entries(0, "train", 4, recipe):
+            tags = data.tags
+            binding = torch.nonzero(tags == TAG_ADSORBATE)[0, 0]
+            height = float(data.pos[binding, 2] - data.pos[tags == TAG_SURFACE, 2].max())
+            assert IS2RE_RECIPES[recipe].height[0] - 1e-4 <= height <= IS2RE_RECIPES[recipe].height[1] + 1e-4
+            initial = _emt_atoms(data)
+            relaxed = initial.copy()
+            relaxed.positions = data.pos_relaxed.double().numpy()
+            relaxed.calc = EMT()
+            free = (data.fixed == 0).numpy()
+            assert np.linalg.norm(relaxed.get_forces()[free], axis=1).max() < IS2RE_RECIPES[recipe].fmax + 1e-3
+            distances.append((data.pos_relaxed - data.pos)[data.fixed == 0].norm(dim=1))
+        moved[recipe] = float(torch.cat(distances).mean())
+    assert moved["oc20"] > 1.5 * moved["demo"], moved
+    with pytest.raises(UserInputError, match="recipe"):
+        make_demo_data("unused", is2re_recipe="oc30", progress=False)
+
+
+def test_cli_reports_how_far_the_relaxations_move(tmp_path):
+    import subprocess
+
+    from fairchem_runs import eqv2_cmd
+
+    sizes = [f"--num-{task}-{split}=1" for task in ("s2ef", "is2re") for split in SPLITS]
+    out = subprocess.run([*eqv2_cmd(), "demo-data", str(tmp_path), *sizes, "--num-is2re-train=3",
+                          "--is2re-recipe", "oc20", "--no-progress"], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("is2re/train"))
+    mean = float(line.split("move ")[1].split(" A")[0])
+    entries = list(is2re_entries(0, "train", 3, "oc20"))
+    expected = torch.cat([(d.pos_relaxed - d.pos)[d.fixed == 0].norm(dim=1) for d in entries]).mean()
+    assert mean == pytest.approx(float(expected), abs=1e-3)

@@ -173,7 +173,7 @@ def test_coefficient_schedule():
 
 
 @pytest.mark.parametrize("bad", [{"probability": 1.5}, {"pos_std": 0}, {"noise_std": -1}, {"decay_steps": -1},
-                                 {"decay_steps": 1.5}, {"unknown": 1}])
+                                 {"decay_steps": 1.5}, {"loss": "l2"}, {"unknown": 1}])
 def test_bad_config_is_refused(bad):
     with pytest.raises((ConfigError, TypeError)):
         NoisyNodesConfig(**bad)
@@ -208,6 +208,63 @@ def test_model_applies_the_schedule_to_prediction_and_target(is2re_batch):
         ratios.append(coefficient)
     assert ratios == pytest.approx([15, 11.5, 8, 4.5, 1, 1])
     assert int(model.backbone.noisy_nodes_step) == 6
+
+
+def test_l1_loss_is_the_reference_sum_over_xyz(is2re_batch):
+    """With ``loss: l1`` fairchem's ``mae`` (a mean over the N x 3 components) equals the reference's
+    loss: per free atom the L1 norm summed over x, y, z, averaged over atoms, times the coefficient;
+    in evaluation the output is the plain normalised displacement, as with ``l2mae``."""
+    from fairchem.core.modules.loss import DDPLoss
+
+    outputs = {}
+    for loss in ("l1", "l2mae"):
+        model = build_hydra(torch_seed=0, loss=loss, decay_steps=10, coefficient_start=15, coefficient_end=1)
+        model.train()
+        batch = is2re_batch.clone()
+        torch.manual_seed(0)
+        out = model(batch)["noisy_nodes"]
+        model.eval()
+        clean = model(is2re_batch.clone())["noisy_nodes"]
+        outputs[loss] = (out, batch.noisy_nodes, clean)
+    (out1, target1, clean1), (out2, target2, clean2) = outputs["l1"], outputs["l2mae"]
+    torch.testing.assert_close(out1, 3 * out2)
+    torch.testing.assert_close(target1, 3 * target2)
+    torch.testing.assert_close(clean1, clean2)
+    free = is2re_batch.fixed == 0
+    fairchem_term = DDPLoss("mae", reduction="mean")(out1[free], target1[free], natoms=is2re_batch.natoms)
+    reference = 15 * ((out2 - target2)[free] / 15).abs().sum(dim=1).mean()
+    torch.testing.assert_close(fairchem_term, reference)
+
+
+def test_corrupted_target_norm_is_the_reference_normaliser(demo_data):
+    """The mean norm of (relaxed - corrupted input) against its closed forms: without noise and
+    interpolation it is the mean displacement, with interpolation half of it (E[1 - t] = 1/2), and
+    noise much larger than the displacements gives noise_std x E|N(0, I_3)| = noise_std x 2 sqrt(2/pi)."""
+    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, free_displacements
+
+    src = demo_data / "is2re" / "train"
+    mean_distance = float(free_displacements(src).norm(dim=1).mean())
+    assert corrupted_target_norm(src, noise_std=0.0, interpolate=False) == pytest.approx(mean_distance, rel=1e-9)
+    assert corrupted_target_norm(src, noise_std=0.0, draws=64) == pytest.approx(mean_distance / 2, rel=0.03)
+    assert corrupted_target_norm(src, noise_std=100.0, draws=64) == pytest.approx(
+        100 * 2 * math.sqrt(2 / math.pi), rel=0.02)
+
+
+def test_noisy_nodes_scale_command(demo_data):
+    import subprocess
+
+    from fairchem_runs import eqv2_cmd
+
+    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, displacement_std
+
+    src = demo_data / "is2re" / "train"
+    out = subprocess.run([*eqv2_cmd(), "noisy-nodes-scale", str(src), "--noise-std", "0.1"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    values = [float(line.split()[1]) for line in out if line.startswith("pos_std")]
+    assert values == pytest.approx([corrupted_target_norm(src, noise_std=0.1), displacement_std(src)], abs=1e-4)
+    refused = subprocess.run([*eqv2_cmd(), "noisy-nodes-scale", str(demo_data / "s2ef" / "train")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "no pos_relaxed" in refused.stderr and "Traceback" not in refused.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +427,8 @@ def test_noisy_nodes_configs(nn_path, base_path):
     assert heads["noisy_nodes"]["module"] == "fairchem_equiformerv2.NoisyNodesHead"
     assert heads["energy"] == base["model"]["heads"]["energy"]
     losses = {k: v for loss in nn_cfg["loss_functions"] for k, v in loss.items()}
-    assert losses["noisy_nodes"] == {"fn": "l2mae", "coefficient": 1}  # the model schedules it
+    assert knobs["loss"] == "l1"  # the reference's loss, which fairchem's mae gives with the model's factor 3
+    assert losses["noisy_nodes"] == {"fn": "mae", "coefficient": 1}  # the model schedules it
     assert nn_cfg["outputs"]["noisy_nodes"]["level"] == "atom" and nn_cfg["outputs"]["noisy_nodes"]["train_on_free_atoms"]
 
 

@@ -105,7 +105,7 @@ def _examples(*lines: str) -> str:
 
 
 def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
-    from .demo_data import DEFAULT_IS2RE_SIZES, DEFAULT_S2EF_SIZES
+    from .demo_data import DEFAULT_IS2RE_SIZES, DEFAULT_S2EF_SIZES, IS2RE_RECIPES
 
     parser = subparsers.add_parser(
         "demo-data",
@@ -137,12 +137,19 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         help="lmdb: fairchem 1.x's LMDBs, S2EF and IS2RE; aselmdb: ASE databases of the S2EF frames, for "
         "fairchem 2.x (default: %(default)s)",
     )
+    parser.add_argument(
+        "--is2re-recipe", choices=sorted(IS2RE_RECIPES), default="demo",
+        help="how IS2RE systems start and relax. demo: 1.2-2.2 A above a site, fmax 0.1 eV/A, <= 100 steps "
+        "(quick); oc20: 2.5-3.5 A above any point of the surface, fmax 0.05 eV/A, <= 300 steps, as OC20's "
+        "relaxations, which move atoms further (for Noisy Nodes) (default: %(default)s)",
+    )
     _add_force(parser, "the demo files in OUT_DIR")
     parser.set_defaults(handler=_run_demo_data)
 
 
 def _run_demo_data(args: argparse.Namespace) -> None:
     from .demo_data import SPLITS, make_demo_data
+    from .noisy_nodes import free_displacements
 
     paths = make_demo_data(
         args.out_dir,
@@ -152,10 +159,16 @@ def _run_demo_data(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         overwrite=args.force,
         format=args.format,
+        is2re_recipe=args.is2re_recipe,
     )
     for task, splits in paths.items():
         for split, path in splits.items():
-            print(f"{task}/{split}: {path}")
+            line = f"{task}/{split}: {path}"
+            if task == "is2re":
+                distances = free_displacements(path).norm(dim=1)
+                line += (f"  (free atoms move {float(distances.mean()):.3f} A on average in the relaxation, "
+                         f"median {float(distances.median()):.3f} A)")
+            print(line)
 
 
 def _add_make_submission(subparsers: argparse._SubParsersAction) -> None:
@@ -293,8 +306,44 @@ def _run_fix_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote {fix_checkpoint(args.src, args.dst, trust=args.trust, overwrite=args.force)}")
 
 
+def _add_noisy_nodes_scale(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "noisy-nodes-scale",
+        help="measure the Noisy Nodes target normaliser (pos_std) on an IS2RE training split",
+        description="Print the relaxed displacement of the free atoms of an IS2RE LMDB (with pos_relaxed) and "
+        "the two choices of model.backbone.noisy_nodes.pos_std: the reference's mean norm of (relaxed - "
+        "corrupted input) over corrupted inputs, which depends on the recipe's noise_std and interpolation, "
+        "and the std of the displacement components.",
+        epilog=_examples(
+            "fairchem-eqv2 noisy-nodes-scale demo_data/is2re/train",
+            "fairchem-eqv2 noisy-nodes-scale data/is2re/all/train --noise-std 0.3",
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="an IS2RE LMDB file or a folder of them (the training split)")
+    parser.add_argument("--noise-std", type=float, default=0.3,
+                        help="the recipe's noise_std, in A (default: %(default)s)")
+    parser.add_argument("--no-interpolate", action="store_true",
+                        help="the recipe has interpolate: False (noise only around the initial structure)")
+    parser.set_defaults(handler=_run_noisy_nodes_scale)
+
+
+def _run_noisy_nodes_scale(args: argparse.Namespace) -> None:
+    from .noisy_nodes import corrupted_target_norm, free_displacements
+
+    displacement = free_displacements(args.src)
+    distances = displacement.norm(dim=1)
+    print(f"{args.src}: {len(distances)} free atoms; relaxed displacement mean {float(distances.mean()):.4f} A, "
+          f"median {float(distances.median()):.4f} A")
+    recipe = f"noise_std {args.noise_std}, interpolate {not args.no_interpolate}"
+    norm = corrupted_target_norm(args.src, noise_std=args.noise_std, interpolate=not args.no_interpolate)
+    print(f"pos_std {norm:.4f}  (reference: mean norm of relaxed - corrupted input; {recipe})")
+    print(f"pos_std {float(displacement.flatten().std()):.4f}  (std of the displacement components)")
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo_data,
+    _add_noisy_nodes_scale,
     _add_make_submission,
     _add_convert_checkpoint,
     _add_fix_checkpoint,

@@ -43,6 +43,7 @@ split do not change the contents of another.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Iterator, Mapping
@@ -75,9 +76,29 @@ S2EF_TRAJECTORY_STEPS = 5
 S2EF_RATTLED_PER_SYSTEM = 2
 S2EF_RATTLE_STDEV = 0.08
 
-#: IS2RE: relaxation convergence (eV/Å) and step limit.
-IS2RE_FMAX = 0.1
-IS2RE_MAX_STEPS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class IS2RERecipe:
+    """How IS2RE systems start and relax: the adsorbate's binding atom starts ``U(*height)`` Å above
+    the top layer, shifted from its site by ``U(-a, a)`` Å in x and y (``lateral_offset=a``) or, with
+    ``None``, by a uniform point of the surface cell; EMT + BFGS relax it to ``fmax`` (eV/Å) in at
+    most ``max_steps`` steps."""
+
+    height: tuple[float, float]
+    lateral_offset: float | None
+    fmax: float
+    max_steps: int
+
+
+#: ``demo``: starts near a site, short relaxations (mean free-atom displacement about 0.15 Å), the
+#: quick default. ``oc20``: starts as OC20's initial structures do (2.5-3.5 Å up, anywhere over the
+#: surface) and relaxes as OC20's DFT did (fmax 0.05 eV/Å, up to 300 steps), so the relaxations move
+#: atoms further, as the Noisy Nodes recipe assumes.
+IS2RE_RECIPES: dict[str, IS2RERecipe] = {
+    "demo": IS2RERecipe(height=(1.2, 2.2), lateral_offset=0.4, fmax=0.1, max_steps=100),
+    "oc20": IS2RERecipe(height=(2.5, 3.5), lateral_offset=None, fmax=0.05, max_steps=300),
+}
 
 FORMATS: tuple[str, ...] = ("lmdb", "aselmdb")
 
@@ -96,6 +117,7 @@ def make_demo_data(
     progress: bool = True,
     overwrite: bool = False,
     format: str = "lmdb",
+    is2re_recipe: str = "demo",
 ) -> dict[str, dict[str, Path]]:
     """Write the demo S2EF and IS2RE datasets under ``out_dir``.
 
@@ -108,6 +130,7 @@ def make_demo_data(
         progress: show a tqdm progress bar per split.
         overwrite: replace existing demo files; without it they are refused before anything is made.
         format: ``"lmdb"`` (fairchem 1.x) or ``"aselmdb"`` (fairchem 2.x; S2EF only).
+        is2re_recipe: a key of :data:`IS2RE_RECIPES`: how IS2RE systems start and relax.
 
     Returns:
         ``{"s2ef": {"train": path, "val": path, "test": path}, "is2re": {...}}``, the paths
@@ -121,6 +144,8 @@ def make_demo_data(
         raise UserInputError(f"seed {seed}: must be >= 0")
     if format not in FORMATS:
         raise UserInputError(f"format {format!r}: must be one of {', '.join(FORMATS)}")
+    if is2re_recipe not in IS2RE_RECIPES:
+        raise UserInputError(f"IS2RE recipe {is2re_recipe!r}: must be one of {', '.join(IS2RE_RECIPES)}")
     tasks = TASKS if format == "lmdb" else ("s2ef",)
     folders = {(task, split): Path(out_dir) / task / split for task in tasks for split in SPLITS}
     for folder in folders.values():  # every refusal before the first split is made
@@ -138,8 +163,10 @@ def make_demo_data(
             if format == "aselmdb":
                 entries = (frame for frame, _, _ in s2ef_frames(seed, split, size))
                 write = write_aselmdb_split
+            elif task == "is2re":
+                entries, write = is2re_entries(seed, split, size, is2re_recipe), write_split
             else:
-                entries, write = _ENTRY_MAKERS[task](seed, split, size), write_split
+                entries, write = s2ef_entries(seed, split, size), write_split
             bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
             paths[task][split] = write(folders[task, split], list(bar))
     return paths
@@ -216,12 +243,14 @@ def s2ef_frames(seed: int, split: str, num_frames: int) -> Iterator[tuple[Atoms,
             count += 1
 
 
-def is2re_entries(seed: int, split: str, num_systems: int) -> Iterator[Data]:
-    """``num_systems`` IS2RE entries of ``split``: an initial structure and its EMT relaxation."""
+def is2re_entries(seed: int, split: str, num_systems: int, recipe: str = "demo") -> Iterator[Data]:
+    """``num_systems`` IS2RE entries of ``split``: an initial structure and its EMT relaxation, made
+    as :data:`IS2RE_RECIPES` ``[recipe]`` says."""
+    how = IS2RE_RECIPES[recipe]
     for index in range(num_systems):
         rng = _system_rng(seed, "is2re", split, index)
-        initial = random_system(rng)
-        trajectory = emt_relaxation(initial, fmax=IS2RE_FMAX, steps=IS2RE_MAX_STEPS)
+        initial = random_system(rng, height=how.height, lateral_offset=how.lateral_offset)
+        trajectory = emt_relaxation(initial, fmax=how.fmax, steps=how.max_steps)
         yield is2re_entry(trajectory[0], trajectory[-1], sid=_sid(split, index))
 
 
@@ -253,9 +282,6 @@ def _with_ids(data: Data, atoms: Atoms, sid: int, fid: int | None) -> Data:
     if fid is not None:
         data.fid = int(fid)
     return data
-
-
-_ENTRY_MAKERS = {"s2ef": s2ef_entries, "is2re": is2re_entries}
 
 
 def _sid(split: str, index: int) -> int:

@@ -89,26 +89,36 @@ def place_adsorbate(slab: Atoms, name: str, site: str, height: float, shift_xy: 
     return system
 
 
-def random_system(rng: np.random.Generator, max_layers: int = 4, rattle_stdev: float = 0.0) -> Atoms:
+def random_system(
+    rng: np.random.Generator,
+    max_layers: int = 4,
+    rattle_stdev: float = 0.0,
+    height: tuple[float, float] = (1.2, 2.2),
+    lateral_offset: float | None = 0.4,
+) -> Atoms:
     """A random metal/facet/adsorbate/site, adsorbate at a random height and offset.
 
     Args:
         rng: the only source of randomness.
         max_layers: slabs have 3 to ``max_layers`` layers (12 to ``4 * max_layers`` metal atoms).
         rattle_stdev: Gaussian noise (Å) added to the free atoms' positions; 0 for none.
+        height: the binding atom starts ``U(*height)`` Å above the top layer.
+        lateral_offset: the adsorbate is shifted from its site by ``U(-a, a)`` Å along x and y;
+            ``None``: by a uniform random point of the surface cell (any lateral position, as OC20's
+            initial structures).
     """
     metal = str(rng.choice(METALS))
     facet = str(rng.choice(sorted(FACETS)))
     layers = int(rng.integers(FREE_LAYERS + 1, max_layers + 1))
     slab = build_slab(metal, facet, layers)
     sites = sorted(slab.info["adsorbate_info"]["sites"])
-    system = place_adsorbate(
-        slab,
-        name=str(rng.choice(sorted(ADSORBATES))),
-        site=str(rng.choice(sites)),
-        height=float(rng.uniform(1.2, 2.2)),
-        shift_xy=rng.uniform(-0.4, 0.4, size=2),
-    )
+    name, site = str(rng.choice(sorted(ADSORBATES))), str(rng.choice(sites))
+    start_height = float(rng.uniform(*height))
+    if lateral_offset is None:
+        shift_xy = rng.uniform(0.0, 1.0, size=2) @ slab.cell.array[:2, :2]
+    else:
+        shift_xy = rng.uniform(-lateral_offset, lateral_offset, size=2)
+    system = place_adsorbate(slab, name=name, site=site, height=start_height, shift_xy=shift_xy)
     if rattle_stdev > 0:
         system = displaced(system, rng, rattle_stdev)
     return system

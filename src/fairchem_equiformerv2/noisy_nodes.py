@@ -5,15 +5,17 @@ atom moves to a random point between its initial and relaxed position (interpola
 ``t ~ U[0, 1]`` per atom) plus Gaussian noise (``noise_std`` Å per component). An equivariant vector
 head (:class:`NoisyNodesHead`, the ``l = 1`` output of a graph attention like :class:`.ForceHead`)
 predicts the displacement from the corrupted input to the relaxed position divided by ``pos_std``;
-fairchem's trainer scores it with an L2-norm MAE over free atoms. The energy target is unchanged
+fairchem's trainer scores it over free atoms with the reference's L1 loss (per atom summed over x, y, z)
+or an L2-norm MAE (``loss``). The energy target is unchanged
 (``y_relaxed``, mapped to ``energy``). For data without ``pos_relaxed`` (energy-only, QM9-like) the
 input gets Gaussian noise only and the target is that noise divided by ``noise_std``.
 
 The auxiliary loss coefficient decays linearly from ``coefficient_start`` to ``coefficient_end``
 over ``decay_steps`` optimizer steps. fairchem's loss coefficients are static, so the schedule is
 applied inside the model: the head multiplies both its prediction and the target it attaches to the
-batch by the scheduled coefficient ``c``. The L2-norm MAE is homogeneous of degree 1, so the loss
-term is exactly ``c * L2MAE(prediction, target)`` when the config's static coefficient is 1.
+batch by the scheduled coefficient ``c``. Both losses are homogeneous of degree 1, so the loss
+term is exactly ``c * loss(prediction, target)`` when the config's static coefficient is 1 (for
+``l1`` the factor also holds the 3 that turns fairchem's per-component ``mae`` into a per-atom sum).
 
 How it fits fairchem's unmodified ``OCPTrainer`` (``ocp``, ``equiformerv2_forces``,
 ``equiformerv2_energy``): ``_forward`` calls the model on the batch object and ``_compute_loss`` /
@@ -34,20 +36,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, UserInputError
 from .fairchem1 import EquiformerV2Backbone, ForceHead
 
 __all__ = [
     "NoisyNodesConfig", "LinearCoefficientSchedule", "Corruption", "draw_corruption", "relaxed_displacement",
-    "corrupt_positions", "denoising_target", "noisy_nodes_generator", "displacement_std",
+    "corrupt_positions", "denoising_target", "noisy_nodes_generator", "free_displacements", "displacement_std",
+    "corrupted_target_norm",
     "NoisyNodesBackbone", "NoisyNodesHead",
 ]
+
+
+#: The factor by which the training prediction and target are multiplied (besides the scheduled
+#: coefficient) so that fairchem's loss function gives the loss named: fairchem's ``mae`` averages
+#: over the N x 3 components, the reference's L1 sums over x, y, z and averages over atoms.
+LOSS_SCALE: dict[str, float] = {"l1": 3.0, "l2mae": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,10 @@ class NoisyNodesConfig:
     coefficient_start, coefficient_end, decay_steps: the auxiliary loss coefficient, linear in the
         step from start (step 0) to end (step >= decay_steps); ``decay_steps: 0`` = end throughout.
     corrupt_fixed: also corrupt fixed atoms (``fixed == 1``); default no, as Equiformer does.
+    loss: the auxiliary loss, which the config's ``loss_functions`` entry must name:
+        ``"l1"`` (the reference's: per atom the L1 norm, summed over x, y, z; pair with ``fn: mae``, a
+        mean over components, and the model multiplies by 3 in training) or ``"l2mae"`` (the L2
+        norm per atom; pair with ``fn: l2mae``).
     seed: the random stream's seed; ``None`` = ``torch.initial_seed()`` when the model is built.
     """
 
@@ -72,6 +87,7 @@ class NoisyNodesConfig:
     coefficient_end: float = 1.0
     decay_steps: int = 0
     corrupt_fixed: bool = False
+    loss: str = "l1"
     seed: int | None = None
 
     def __post_init__(self):
@@ -88,6 +104,7 @@ class NoisyNodesConfig:
         )
         check(self.coefficient_start >= 0 and self.coefficient_end >= 0, "coefficients must be >= 0")
         check(int(self.decay_steps) == self.decay_steps and self.decay_steps >= 0, f"decay_steps={self.decay_steps} must be an integer >= 0")
+        check(self.loss in LOSS_SCALE, f"loss={self.loss!r} must be one of {', '.join(LOSS_SCALE)}")
         check(self.seed is None or int(self.seed) >= 0, f"seed={self.seed} must be >= 0 or null")
 
 
@@ -209,21 +226,49 @@ def denoising_target(
     return (corrupted - pos) / noise_std
 
 
-def displacement_std(src: str) -> float:
-    """The standard deviation of the relaxed displacement components of free atoms over a fairchem
-    LMDB dataset folder or file ``src`` (a value for ``pos_std``)."""
+def free_displacements(src: str | os.PathLike) -> torch.Tensor:
+    """``[M, 3]`` float64: the relaxed displacement (``pos_relaxed - pos``, nearest periodic image) of
+    every free atom (``fixed == 0``) of a fairchem IS2RE LMDB (folder or file) ``src``."""
     from fairchem.core.datasets import LmdbDataset
 
+    if not os.path.exists(src):
+        raise FileNotFoundError(errno.ENOENT, "no such file or folder", str(src))
     dataset = LmdbDataset({"src": str(src)})
     parts = []
     for i in range(len(dataset)):
         data = dataset[i]
+        if "pos_relaxed" not in data:
+            raise UserInputError(f"{src}: entry {i} (sid {data.get('sid', '?')}) has no pos_relaxed: not IS2RE data")
         cell = data.cell if "cell" in data else None
         delta = relaxed_displacement(data.pos.double(), data.pos_relaxed.double(), cell,
                                      torch.zeros(data.pos.shape[0], dtype=torch.long) if cell is not None else None)
         free = data.fixed == 0 if "fixed" in data else torch.ones(delta.shape[0], dtype=torch.bool)
-        parts.append(delta[free].flatten())
-    return float(torch.cat(parts).std())
+        parts.append(delta[free])
+    return torch.cat(parts)
+
+
+def displacement_std(src: str | os.PathLike) -> float:
+    """The standard deviation of the free atoms' relaxed displacement components over ``src`` (see
+    :func:`free_displacements`): one choice of ``pos_std``."""
+    return float(free_displacements(src).flatten().std())
+
+
+def corrupted_target_norm(src: str | os.PathLike, noise_std: float = 0.3, interpolate: bool = True,
+                          draws: int = 8, seed: int = 0) -> float:
+    """The mean L2 norm of ``pos_relaxed - corrupted input`` over the free atoms of corrupted training
+    inputs of ``src``: the reference's choice of ``pos_std`` (Equiformer's OC20 IS2RE code divides the
+    target by it), so that the normalised target has mean norm 1.
+
+    For a free atom with relaxed displacement ``d`` the corrupted input is ``pos + t d + noise`` (as
+    :func:`corrupt_positions`), so the un-normalised target is ``(1 - t) d - noise``; its mean norm is
+    estimated over ``draws`` draws of ``t ~ U[0, 1]`` (``t = 0`` without ``interpolate``) and
+    ``noise ~ N(0, noise_std^2)`` per atom, from a generator seeded with ``seed``."""
+    displacement = free_displacements(src).repeat(draws, 1)  # [draws * M, 3]
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.rand(displacement.shape[0], 1, generator=generator, dtype=torch.float64)
+    noise = torch.randn(displacement.shape, generator=generator, dtype=torch.float64) * noise_std
+    remaining = (1 - t) * displacement if interpolate else displacement
+    return float((remaining - noise).norm(dim=1).mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +298,8 @@ class NoisyNodesBackbone(EquiformerV2Backbone):
 
     def corrupt(self, data):
         """``(model input, target [N, 3], coefficient)`` for ``data``; in training the input is a
-        shallow copy of ``data`` with corrupted ``pos`` (``data`` itself is not modified)."""
+        shallow copy of ``data`` with corrupted ``pos`` (``data`` itself is not modified) and the
+        coefficient is the scheduled one times :data:`LOSS_SCALE` of the loss; in evaluation it is 1."""
         cfg = self.noisy_nodes
         pos = data.pos
         with torch.no_grad():
@@ -277,7 +323,7 @@ class NoisyNodesBackbone(EquiformerV2Backbone):
             self.noisy_nodes_step += 1
         noisy = copy.copy(data)
         noisy.pos = corrupted
-        return noisy, target, self.coefficient_schedule(step)
+        return noisy, target, self.coefficient_schedule(step) * LOSS_SCALE[cfg.loss]
 
     def forward(self, data) -> dict:
         model_input, target, coefficient = self.corrupt(data)
@@ -296,7 +342,8 @@ class NoisyNodesHead(ForceHead):
     In its forward it writes the target into the batch (``data[output_name]``) and returns the
     prediction, both multiplied by the scheduled coefficient (1 in evaluation). Configure fairchem
     with ``outputs: {<output_name>: {shape: 3, level: atom}}`` and ``loss_functions: - <output_name>:
-    {fn: l2mae, coefficient: 1}``; ``output_name`` must not be a key the data already has.
+    {fn: mae, coefficient: 1}`` (``fn: l2mae`` with the backbone's ``loss: l2mae``); ``output_name``
+    must not be a key the data already has.
     """
 
     def __init__(self, backbone, output_name: str = "noisy_nodes"):
