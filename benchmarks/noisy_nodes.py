@@ -19,7 +19,8 @@ Methods (``--methods``; baseline and noisy_nodes take every ``--seeds``, the abl
 * ``matched_noise``: noise std = the std of the data's relaxed displacement components.
 * ``l2mae_std``: an L2-norm MAE and the target divided by that std (this plugin's earlier choices).
 
-Printed per method (mean ± std over seeds): validation relaxed-energy MAE at the last and the best epoch,
+Printed per method (mean ± std over seeds; every finished seed of the method in ``--work-dir`` counts, so
+``--methods aux_only --seeds 1`` adds a seed to an ablation): validation relaxed-energy MAE at the last and the best epoch,
 the training-split MAE of the final model on clean inputs (EMA weights, fairchem's ``--mode validate``)
 and the gap, and the auxiliary head's validation MAE against its zero-prediction level. Saves a plot
 (``--plot``) and every run's numbers as JSON under ``--work-dir``; finished runs are not redone, so an
@@ -170,6 +171,12 @@ def run(method: str, seed: int, config: Path, data: Path, work: Path, args) -> d
     return result
 
 
+def finished_runs(work: Path, methods: list[str]) -> list[dict]:
+    """Every finished run of ``methods`` in ``work`` (its ``<method>_seed<k>.json``), by method and seed."""
+    runs = [json.loads(path.read_text()) for method in methods for path in work.glob(f"{method}_seed*.json")]
+    return sorted(runs, key=lambda r: (list(METHODS).index(r["method"]), r["seed"]))
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -273,7 +280,8 @@ def main() -> None:
     jobs = [(m, s) for s in args.seeds for m in args.methods if m in MULTI_SEED]
     jobs += [(m, args.seeds[0]) for m in args.methods if m not in MULTI_SEED]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run(*job, configs[job[0]], data, work, args), jobs))
+        list(pool.map(lambda job: run(*job, configs[job[0]], data, work, args), jobs))
+    results = finished_runs(work, args.methods)  # these runs and any other seeds finished in the folder
     for r in results:
         print(f"  {r['method']:14s} seed {r['seed']}: val last {r['curve'][-1]['energy_mae']:.4f}, "
               f"train {r['on_train']['energy_mae']:.4f} eV ({r['seconds']:.0f} s)")
