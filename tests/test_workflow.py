@@ -63,6 +63,8 @@ def test_config_is_fairchem_hydra_with_plugin_classes(path):
         assert heads.pop("noisy_nodes") == "fairchem_equiformerv2.NoisyNodesHead"
     if model["backbone"].get("regress_forces", True) and not conservative:
         assert heads.pop("forces") == f"{prefix}ForceHead"
+    if "stress" in heads:  # the OMat24 DeNS recipes: a decomposed (isotropic + anisotropic) stress head
+        assert heads.pop("stress") == f"{prefix}StressHead"
     if conservative:  # the forces are the normalised energy's gradient: same stdev, zero mean
         normalizer = config["dataset"]["train"]["transforms"]["normalizer"]
         assert normalizer["forces"]["mean"] == 0 and normalizer["forces"]["stdev"] == normalizer["energy"]["stdev"]
