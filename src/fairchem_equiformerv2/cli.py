@@ -149,7 +149,6 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_demo_data(args: argparse.Namespace) -> None:
     from .demo_data import SPLITS, make_demo_data
-    from .noisy_nodes import free_displacements
 
     paths = make_demo_data(
         args.out_dir,
@@ -164,7 +163,9 @@ def _run_demo_data(args: argparse.Namespace) -> None:
     for task, splits in paths.items():
         for split, path in splits.items():
             line = f"{task}/{split}: {path}"
-            if task == "is2re":
+            if task == "is2re":  # (written only in fairchem 1.x's format: noisy_nodes needs fairchem 1.x)
+                from .noisy_nodes import free_displacements
+
                 distances = free_displacements(path).norm(dim=1)
                 line += (f"  (free atoms move {float(distances.mean()):.3f} A on average in the relaxation, "
                          f"median {float(distances.median()):.3f} A)")
