@@ -101,15 +101,16 @@ def make_data(out: Path, args) -> Path:
 def data_statistics(data: Path, noise_std: float) -> dict[str, float]:
     from fairchem.core.datasets import LmdbDataset
 
-    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, displacement_std, free_displacements
+    from fairchem_equiformerv2.noisy_nodes import free_displacements, mean_corrupted_target_norm
 
     dataset = LmdbDataset({"src": str(data / "train")})
     energies = [float(dataset[i].y_relaxed) for i in range(len(dataset))]
-    distances = free_displacements(data / "train").norm(dim=1)
+    displacement = free_displacements(data / "train")
+    distances = displacement.norm(dim=1)
     return {"energy_mean": statistics.fmean(energies), "energy_std": statistics.pstdev(energies),
             "displacement_mean": float(distances.mean()), "displacement_median": float(distances.median()),
-            "displacement_std": displacement_std(data / "train"),
-            "target_norm": corrupted_target_norm(data / "train", noise_std=noise_std),
+            "displacement_std": float(displacement.flatten().std()),
+            "target_norm": mean_corrupted_target_norm(displacement, noise_std=noise_std),
             "val_displacement": free_displacements(data / "val")}
 
 

@@ -330,14 +330,14 @@ def _add_noisy_nodes_scale(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_noisy_nodes_scale(args: argparse.Namespace) -> None:
-    from .noisy_nodes import corrupted_target_norm, free_displacements
+    from .noisy_nodes import free_displacements, mean_corrupted_target_norm
 
     displacement = free_displacements(args.src)
     distances = displacement.norm(dim=1)
     print(f"{args.src}: {len(distances)} free atoms; relaxed displacement mean {float(distances.mean()):.4f} A, "
           f"median {float(distances.median()):.4f} A")
     recipe = f"noise_std {args.noise_std}, interpolate {not args.no_interpolate}"
-    norm = corrupted_target_norm(args.src, noise_std=args.noise_std, interpolate=not args.no_interpolate)
+    norm = mean_corrupted_target_norm(displacement, noise_std=args.noise_std, interpolate=not args.no_interpolate)
     print(f"pos_std {norm:.4f}  (reference: mean norm of relaxed - corrupted input; {recipe})")
     print(f"pos_std {float(displacement.flatten().std()):.4f}  (std of the displacement components)")
 

@@ -77,7 +77,6 @@ S2EF_RATTLED_PER_SYSTEM = 2
 S2EF_RATTLE_STDEV = 0.08
 
 
-
 @dataclasses.dataclass(frozen=True)
 class IS2RERecipe:
     """How IS2RE systems start and relax: the adsorbate's binding atom starts ``U(*height)`` Å above

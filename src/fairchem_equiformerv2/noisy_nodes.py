@@ -50,7 +50,7 @@ from .fairchem1 import EquiformerV2Backbone, ForceHead
 __all__ = [
     "NoisyNodesConfig", "LinearCoefficientSchedule", "Corruption", "draw_corruption", "relaxed_displacement",
     "corrupt_positions", "denoising_target", "noisy_nodes_generator", "free_displacements", "displacement_std",
-    "corrupted_target_norm",
+    "corrupted_target_norm", "mean_corrupted_target_norm",
     "NoisyNodesBackbone", "NoisyNodesHead",
 ]
 
@@ -257,13 +257,19 @@ def corrupted_target_norm(src: str | os.PathLike, noise_std: float = 0.3, interp
                           draws: int = 8, seed: int = 0) -> float:
     """The mean L2 norm of ``pos_relaxed - corrupted input`` over the free atoms of corrupted training
     inputs of ``src``: the reference's choice of ``pos_std`` (Equiformer's OC20 IS2RE code divides the
-    target by it), so that the normalised target has mean norm 1.
+    target by it), so that the normalised target has mean norm 1. See :func:`mean_corrupted_target_norm`."""
+    return mean_corrupted_target_norm(free_displacements(src), noise_std, interpolate, draws, seed)
+
+
+def mean_corrupted_target_norm(displacement: torch.Tensor, noise_std: float = 0.3, interpolate: bool = True,
+                               draws: int = 8, seed: int = 0) -> float:
+    """:func:`corrupted_target_norm` of the free atoms' relaxed displacements ``[M, 3]``.
 
     For a free atom with relaxed displacement ``d`` the corrupted input is ``pos + t d + noise`` (as
     :func:`corrupt_positions`), so the un-normalised target is ``(1 - t) d - noise``; its mean norm is
     estimated over ``draws`` draws of ``t ~ U[0, 1]`` (``t = 0`` without ``interpolate``) and
     ``noise ~ N(0, noise_std^2)`` per atom, from a generator seeded with ``seed``."""
-    displacement = free_displacements(src).repeat(draws, 1)  # [draws * M, 3]
+    displacement = displacement.double().repeat(draws, 1)  # [draws * M, 3]
     generator = torch.Generator().manual_seed(seed)
     t = torch.rand(displacement.shape[0], 1, generator=generator, dtype=torch.float64)
     noise = torch.randn(displacement.shape, generator=generator, dtype=torch.float64) * noise_std
