@@ -3,12 +3,15 @@
 #   torch 2.4.x, torch_scatter/torch_sparse (a wheel from PIP_FIND_LINKS if one is given, else built
 #   from source: CPU-only unless a GPU and nvcc are both present), fairchem-core 1.10 and this plugin
 #   with its dev extras.
+# TORCH_INDEX_URL=... takes torch from another package index, e.g. PyTorch's CPU-only one
+# (https://download.pytorch.org/whl/cpu): the PyPI wheel for Linux is a CUDA build of several GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.4.1}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "==> creating virtual environment $VENV"
@@ -21,8 +24,9 @@ echo "==> pip, wheel, setuptools"
 pip_install -q --upgrade pip wheel setuptools
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.4.') else 1)" 2>/dev/null; then
-    echo "==> installing $TORCH_SPEC (numpy<2)"
-    pip_install "$TORCH_SPEC" "numpy<2"
+    echo "==> installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL} (numpy<2)"
+    pip_install "numpy<2"
+    pip_install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 fi
 
 if ! "$PY" -c "import torch_scatter, torch_sparse" 2>/dev/null; then

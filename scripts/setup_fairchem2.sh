@@ -4,12 +4,16 @@
 #   multi-GB CUDA build; TORCH2_SPEC=... for another build), fairchem-core 2.x, pytest, and this
 #   plugin with its fairchem2 extra. fairchem 1.x and 2.x cannot share one environment:
 #   scripts/setup.sh builds the 1.10 one in ./.venv.
+# TORCH2_INDEX_URL=... takes torch from another package index, e.g. PyTorch's CPU-only one
+# (https://download.pytorch.org/whl/cpu): from PyPI alone torch 2.13 for Linux is a CUDA build that
+# pulls the CUDA 13 libraries (a 5.9 GB environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV2=${VENV2:-.venv-fairchem2}
 PYTHON=${PYTHON:-python3}
 TORCH2_SPEC=${TORCH2_SPEC:-torch==2.13.0}
+TORCH2_INDEX_URL=${TORCH2_INDEX_URL:-}
 FAIRCHEM2_SPEC=${FAIRCHEM2_SPEC:-fairchem-core~=2.24.0}
 
 if [ ! -x "$VENV2/bin/python" ]; then
@@ -25,8 +29,8 @@ pip_install -q --upgrade pip wheel
 # Install torch on its own first, at the exact version, so that nothing later resolves a bare
 # `torch` requirement to a CUDA build.
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH2_SPEC#torch==}' else 1)" 2>/dev/null; then
-    echo "==> installing $TORCH2_SPEC"
-    pip_install "$TORCH2_SPEC"
+    echo "==> installing $TORCH2_SPEC${TORCH2_INDEX_URL:+ from $TORCH2_INDEX_URL}"
+    pip_install ${TORCH2_INDEX_URL:+--index-url "$TORCH2_INDEX_URL"} "$TORCH2_SPEC"
 fi
 
 constraints=$(mktemp)

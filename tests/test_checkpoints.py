@@ -381,3 +381,76 @@ def test_fairchem_run_relaxations_with_a_plugin_checkpoint(plugin_checkpoint, tm
     (result,) = (tmp_path / "run" / "results").glob("*/relaxed_positions.npz")
     relaxed = np.load(result)
     assert len(relaxed["ids"]) == 3 and np.isfinite(relaxed["pos"]).all()
+
+
+# --- refusals of loadable but unusable checkpoints, on the command line -----------------------------
+
+@pytest.fixture(scope="module")
+def fairchem_hydra(tmp_path_factory):
+    """fairchem's hydra EquiformerV2 checkpoint, as a dict to damage (a fresh copy per test)."""
+    logging.disable(logging.WARNING)
+    path = save_fairchem_hydra(tmp_path_factory.mktemp("fairchem_hydra"))
+    logging.disable(logging.NOTSET)
+    return torch.load(path, weights_only=True)
+
+
+def convert_on_the_command_line(checkpoint: dict, tmp_path, capsys, *args) -> tuple[Path, str]:
+    """``fairchem-eqv2 convert-checkpoint`` of ``checkpoint`` (saved to a file); asserts it is refused
+    with one line (exit status 2) naming the file and writes nothing. Returns (the file, the line)."""
+    from fairchem_equiformerv2.cli import main
+
+    src, dst = tmp_path / "damaged.pt", tmp_path / "out.pt"
+    torch.save(checkpoint, src)
+    capsys.readouterr()
+    assert main(["convert-checkpoint", str(src), str(dst), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(src) in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt"]  # no output, no temporary file
+    return src, lines[0]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("to", ["fairchem1", "fairchem2"])
+@pytest.mark.parametrize(("damage", "field"), [
+    (lambda c: c["normalizers"]["energy"]["rmsd"].fill_(NAN), "normaliser normalizers.energy.rmsd"),
+    (lambda c: c["normalizers"]["forces"]["mean"].fill_(INF), "normaliser normalizers.forces.mean"),
+    (lambda c: c["elementrefs"]["energy"]["element_references"].__setitem__(8, NAN),
+     "element reference elementrefs.energy.element_references"),
+    (lambda c: c["config"]["dataset"].update(transforms={"normalizer": {"energy": {"mean": 0.0, "rmsd": NAN}}}),
+     "normaliser config.dataset.transforms.normalizer.energy.rmsd"),
+    (lambda c: c["config"]["dataset"].update(normalize_labels=True, target_std=INF), "normaliser config.dataset.target_std"),
+], ids=["rmsd", "mean", "element-reference", "config-normalizer", "config-target-std"])
+def test_refuses_nan_normalizers_and_element_references(fairchem_hydra, tmp_path, capsys, damage, field, to):
+    """They pass no weight check, and the calculator would return NaN energies."""
+    checkpoint = copy.deepcopy(fairchem_hydra)
+    damage(checkpoint)
+    _, line = convert_on_the_command_line(checkpoint, tmp_path, capsys, "--to", to)
+    assert field in line and "NaN or infinite" in line
+
+
+def _first_weight(checkpoint: dict) -> str:
+    return next(iter(checkpoint["state_dict"]))
+
+
+@pytest.mark.parametrize(("damage", "field"), [
+    (lambda c: c["config"]["model"].update(heads=["energy", "forces"]), "config.model.heads is a list"),
+    (lambda c: c["config"]["model"]["heads"].update(energy="equiformer_v2_energy_head"), "config.model.heads.energy is a str"),
+    (lambda c: c["config"]["model"].update(backbone="equiformer_v2_backbone"), "config.model.backbone is a str"),
+    (lambda c: c["config"].update(model=["hydra"]), "config has no model section"),
+    (lambda c: c.pop("config"), "no 'config'"),
+    (lambda c: c["config"].update(dataset="data/s2ef"), "config.dataset is a str"),
+    (lambda c: c["config"].update(outputs=["energy"]), "config.outputs is a list"),
+    (lambda c: c["state_dict"].update({_first_weight(c): "weights"}), "is a str ('weights'), not a tensor"),
+    (lambda c: c.update(ema=[torch.zeros(1)]), "ema is a list"),
+    (lambda c: c["ema"]["shadow_params"].__setitem__(0, 0.5), "ema.shadow_params[0] is a float"),
+    (lambda c: c.update(normalizers=[torch.zeros(1)]), "normalizers is a list"),
+    (lambda c: c["elementrefs"].update(energy="refs.npz"), "elementrefs.energy is a str"),
+], ids=["heads-list", "head-str", "backbone-str", "model-list", "no-config", "dataset-str", "outputs-list",
+        "state-dict-str", "ema-list", "ema-entry", "normalizers-list", "elementrefs-str"])
+def test_malformed_checkpoints_give_one_line_errors(fairchem_hydra, tmp_path, capsys, damage, field):
+    checkpoint = copy.deepcopy(fairchem_hydra)
+    damage(checkpoint)
+    _, line = convert_on_the_command_line(checkpoint, tmp_path, capsys)
+    assert field in line

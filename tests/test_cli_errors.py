@@ -2,6 +2,8 @@
 gives: one line on stderr naming the path and the reason, exit status 2, nothing partial left."""
 from __future__ import annotations
 
+import errno
+import os
 import resource
 import subprocess
 
@@ -12,7 +14,11 @@ from fairchem_runs import eqv2_cmd
 from test_checkpoints import save_fairchem_hydra
 from test_submission import OC20, _s2ef_predictions, _write_splits
 
+from fairchem_equiformerv2 import submission
+from fairchem_equiformerv2.atomic import replaced_atomically
 from fairchem_equiformerv2.checkpoints import convert_checkpoint
+from fairchem_equiformerv2.cli import main
+from fairchem_equiformerv2.errors import UserInputError
 
 
 def eqv2(*args, limit_file_size: int | None = None) -> subprocess.CompletedProcess:
@@ -119,6 +125,64 @@ def test_demo_data_refuses_before_making_anything(tmp_path):
     assert lmdb.read_bytes() != before
 
 
+# --- two writers of one output --------------------------------------------------------------------
+
+
+def test_an_output_written_meanwhile_by_another_process_is_kept(predictions, tmp_path, monkeypatch, capsys):
+    """Both writers pass the check; the other one finishes first (here: while this one validates).
+    This one is refused as if the file had been there at the check; the other's file stays intact."""
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "submission.npz"
+    validate_across_splits = submission.validate_across_splits
+
+    def the_other_writer_finishes_first(predictions):
+        out.write_bytes(b"the other process's submission")
+        return validate_across_splits(predictions)
+
+    monkeypatch.setattr(submission, "validate_across_splits", the_other_writer_finishes_first)
+    args = [str(arg) for arg in submission_args(predictions, out)]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--out-path {out} exists; pass --force" in lines[0], lines
+    assert out.read_bytes() == b"the other process's submission"
+    assert files_in(out.parent) == {"submission.npz"}  # no temporary file left
+    assert main([*args, "--force"]) == 0  # with consent it is replaced
+    assert set(np.load(out)) >= {"id_ids"}
+
+
+def test_writers_in_one_process_use_their_own_temporary_files(tmp_path):
+    """Two threads (here: nested writers) of one process writing the same file do not share a
+    temporary file; the last to finish wins, as with processes."""
+    out = tmp_path / "out.bin"
+    with replaced_atomically(out, overwrite=True) as first:
+        first.write_bytes(b"first")
+        with replaced_atomically(out, overwrite=True) as second:
+            assert second != first
+            second.write_bytes(b"second")
+        assert out.read_bytes() == b"second"
+    assert out.read_bytes() == b"first" and files_in(tmp_path) == {"out.bin"}
+    with pytest.raises(UserInputError, match="exists; pass --force"):
+        with replaced_atomically(out, overwrite=False) as third:
+            third.write_bytes(b"third")
+    assert out.read_bytes() == b"first" and files_in(tmp_path) == {"out.bin"}
+
+
+def test_without_hard_links_an_existing_output_is_still_refused(tmp_path, monkeypatch):
+    """On a file system without hard links (os.link fails with EPERM, as on FAT) the last step is a
+    check, then the rename: a new file is written, an existing one refused and kept."""
+    def no_hard_links(source, destination):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(source))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    out = tmp_path / "out.bin"
+    with replaced_atomically(out, overwrite=False) as temporary:
+        temporary.write_bytes(b"first")
+    with pytest.raises(UserInputError, match="exists; pass --force"):
+        with replaced_atomically(out, overwrite=False) as temporary:
+            temporary.write_bytes(b"second")
+    assert out.read_bytes() == b"first" and files_in(tmp_path) == {"out.bin"}
+
+
 def test_negative_seed_is_a_usage_error(tmp_path):
     result = eqv2("demo-data", tmp_path / "demo", "--seed", "-3")
     assert result.returncode == 2 and "--seed: -3 is negative" in result.stderr and "Traceback" not in result.stderr
@@ -139,9 +203,9 @@ def test_a_full_disk_is_named_and_leaves_nothing(predictions, checkpoints, tmp_p
     result = eqv2("fix-checkpoint", plugin, out_dir / "fixed.pt", limit_file_size=4096)
     assert_one_line_error(result, str(out_dir / "fixed.pt"), "File too large")
     result = eqv2("demo-data", out_dir / "demo", "--no-progress", limit_file_size=4096)
-    assert_one_line_error(result, f"cannot write {out_dir / 'demo'}", "data.lmdb: No space left on device")  # LMDB's words
-    assert files_in(out_dir) == {"demo"}
-    assert not [p for p in (out_dir / "demo").rglob("*") if p.is_file()]
+    lmdb = out_dir / "demo" / "s2ef" / "train" / "data.lmdb"  # named where it goes, not where it was being made
+    assert_one_line_error(result, f"cannot write {lmdb}: No space left on device")  # LMDB's words
+    assert files_in(out_dir) == set()  # not even the folder demo-data made
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(checkpoints, tmp_path):

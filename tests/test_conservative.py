@@ -13,6 +13,7 @@ translations, periodic images and permutations exact to rounding.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -363,13 +364,10 @@ def test_nve_short_run_conserves_energy():
     assert direct > 10 * gradient
 
 
-def test_direct_checkpoint_becomes_conservative(tmp_path):
-    """The fine-tuning start: a direct model's checkpoint -> one fairchem loads as a conservative model
-    with the same backbone and energy network (the same energy), the conservative config's normalisers."""
+def _direct_checkpoint(tmp_path, **extra) -> tuple[HydraModel, Path, dict]:
+    """(a direct-force plugin model, its checkpoint as fairchem saves it with ``extra`` entries, the demo's
+    conservative config)."""
     import yaml
-    from fairchem.core.common.utils import load_model_and_weights_from_checkpoint
-
-    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
 
     direct = model(direct=True, dtype=torch.float32)
     model_config = {
@@ -379,12 +377,24 @@ def test_direct_checkpoint_becomes_conservative(tmp_path):
     }
     source = tmp_path / "direct.pt"
     torch.save({"config": {"model": model_config, "dataset": {"format": "lmdb", "src": "x"}},
-                "state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}, "ema": None}, source)
+                "state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}, "ema": None, **extra}, source)
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_conservative.yml").read_text())
+    return direct, source, config
+
+
+def test_direct_checkpoint_becomes_conservative(tmp_path):
+    """The fine-tuning start: a direct model's checkpoint -> one fairchem loads as a conservative model
+    with the same backbone and energy network (the same energy), the conservative config's normalisers."""
+    from fairchem.core.common.utils import load_model_and_weights_from_checkpoint
+
+    from fairchem_equiformerv2.checkpoints import CheckpointError
+    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+
+    direct, source, config = _direct_checkpoint(tmp_path)
     destination = to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
         to_conservative_checkpoint(source, destination, config)
-    checkpoint = torch.load(destination, weights_only=False)
+    checkpoint = torch.load(destination, weights_only=True)
     assert not any("output_heads.forces" in key for key in checkpoint["state_dict"])
     assert float(checkpoint["normalizers"]["forces"]["rmsd"]) == float(checkpoint["normalizers"]["energy"]["rmsd"])
     conservative = load_model_and_weights_from_checkpoint(str(destination)).eval()
@@ -393,3 +403,66 @@ def test_direct_checkpoint_becomes_conservative(tmp_path):
         direct_out, out = direct(batch), conservative(batch)
     assert torch.allclose(out["energy"], direct_out["energy"], rtol=1e-5)
     assert out["forces"].shape == direct_out["forces"].shape and torch.isfinite(out["forces"]).all()
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: any code could run there instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_conservative_checkpoint_does_not_unpickle_code(tmp_path):
+    from fairchem_equiformerv2.checkpoints import CheckpointError
+    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+
+    marker = tmp_path / "code_ran"
+    _, source, config = _direct_checkpoint(tmp_path, val_metrics=_RunsCode(marker))
+    with pytest.raises(CheckpointError, match=r"Python objects other than tensors.*trust=True"):
+        to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.pt"]
+
+
+def _nan_weight(source: Path, config: dict) -> str:
+    checkpoint = torch.load(source, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("sphere_embedding.weight"))
+    checkpoint["state_dict"][key][3, 1] = float("nan")
+    torch.save(checkpoint, source)
+    return f"weight {key} holds 1 NaN"
+
+
+def _nan_element_reference(source: Path, config: dict) -> str:
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint["elementrefs"] = {"energy": {"element_references": torch.full((100,), float("inf"))}}
+    torch.save(checkpoint, source)
+    return "element reference elementrefs.energy.element_references holds 100 NaN"
+
+
+def _nan_normaliser(source: Path, config: dict) -> str:
+    config["dataset"]["train"]["transforms"]["normalizer"]["energy"]["mean"] = float("nan")
+    return "normaliser conservative_config.dataset.train.transforms.normalizer.energy.mean holds 1 NaN"
+
+
+def _fairchem_layout(source: Path, config: dict) -> str:
+    checkpoint = torch.load(source, weights_only=True)
+    model = checkpoint["config"]["model"]
+    model["backbone"]["model"] = "equiformer_v2_backbone"
+    model["heads"] = {"energy": {"module": "equiformer_v2_energy_head"}, "forces": {"module": "equiformer_v2_force_head"}}
+    torch.save(checkpoint, source)
+    return "not a plugin checkpoint; convert it first"
+
+
+@pytest.mark.parametrize("damage", [_nan_weight, _nan_element_reference, _nan_normaliser, _fairchem_layout])
+def test_conservative_checkpoint_refusals_name_the_field_and_write_nothing(tmp_path, damage):
+    from fairchem_equiformerv2.checkpoints import CheckpointError
+    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+
+    _, source, config = _direct_checkpoint(tmp_path)
+    message = damage(source, config)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.pt"]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import filecmp
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,9 @@ from ase import Atoms
 from ase.calculators.emt import EMT
 from fairchem.core.common.data_parallel import BalancedBatchSampler, data_list_collater
 from fairchem.core.datasets import LmdbDataset
+from fairchem_runs import eqv2_cmd
 
+from fairchem_equiformerv2 import demo_data
 from fairchem_equiformerv2.demo_data import SID_STRIDE, SPLITS, TASKS, is2re_entries, make_demo_data, s2ef_entries
 from fairchem_equiformerv2.errors import UserInputError
 
@@ -209,10 +215,6 @@ def test_oc20_recipe_starts_high_anywhere_and_relaxes_further():
 
 
 def test_cli_reports_how_far_the_relaxations_move(tmp_path):
-    import subprocess
-
-    from fairchem_runs import eqv2_cmd
-
     sizes = [f"--num-{task}-{split}=1" for task in ("s2ef", "is2re") for split in SPLITS]
     out = subprocess.run([*eqv2_cmd(), "demo-data", str(tmp_path), *sizes, "--num-is2re-train=3",
                           "--is2re-recipe", "oc20", "--no-progress"], capture_output=True, text=True, check=True).stdout
@@ -221,3 +223,67 @@ def test_cli_reports_how_far_the_relaxations_move(tmp_path):
     entries = list(is2re_entries(0, "train", 3, "oc20"))
     expected = torch.cat([(d.pos_relaxed - d.pos)[d.fixed == 0].norm(dim=1) for d in entries]).mean()
     assert mean == pytest.approx(float(expected), abs=1e-3)
+
+
+SMALLEST = [f"--num-{task}-{split}=1" for task in TASKS for split in SPLITS]
+
+
+def _files_under(folder) -> list:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if not p.is_dir())
+
+
+def test_a_file_written_meanwhile_by_another_run_is_kept(tmp_path, monkeypatch):
+    """Both runs pass the check; the other finishes its first file while this one makes the splits.
+    This one is refused, and leaves nothing of its own: no file, no folder, no staging folder."""
+    out = tmp_path / "demo"
+    write_split = demo_data.write_split
+
+    def the_other_run_writes_first(folder, entries):
+        theirs = out / "s2ef" / "train" / "data.lmdb"
+        theirs.parent.mkdir(parents=True, exist_ok=True)
+        theirs.write_bytes(b"the other run's split")
+        return write_split(folder, entries)
+
+    monkeypatch.setattr(demo_data, "write_split", the_other_run_writes_first)
+    sizes = {split: 1 for split in SPLITS}
+    with pytest.raises(UserInputError, match=f"demo file {out / 's2ef' / 'train' / 'data.lmdb'} exists; pass --force"):
+        make_demo_data(out, s2ef_sizes=sizes, is2re_sizes=sizes, progress=False)
+    assert _files_under(out) == [Path("s2ef/train/data.lmdb")]
+    assert (out / "s2ef" / "train" / "data.lmdb").read_bytes() == b"the other run's split"
+    assert sorted(p.name for p in out.iterdir()) == ["s2ef"]
+
+
+def _interrupted(out, signum) -> subprocess.CompletedProcess:
+    """``demo-data OUT`` sent ``signum`` once its first file exists (IS2RE train, made after it, keeps
+    it busy for seconds more)."""
+    process = subprocess.Popen([*eqv2_cmd(), "demo-data", str(out), "--no-progress", *SMALLEST, "--num-is2re-train=20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not _has_a_file(out):
+        assert time.monotonic() < deadline, "demo-data wrote nothing in 300 s"
+        time.sleep(0.02)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _has_a_file(folder) -> bool:
+    try:
+        return any(p.is_file() for p in folder.rglob("*"))
+    except FileNotFoundError:  # a folder that went while it was listed
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_leaves_nothing_and_a_rerun_works(tmp_path, signum):
+    out = tmp_path / "demo"
+    result = _interrupted(out, signum)
+    assert result.returncode == 128 + signum, (result.returncode, result.stderr)
+    line = "fairchem-eqv2 demo-data: interrupted; no output was left half-written"
+    assert result.stderr.strip().splitlines() == [line]  # and no traceback
+    assert not out.exists(), _files_under(out)
+    if signum == signal.SIGINT:
+        rerun = subprocess.run([*eqv2_cmd(), "demo-data", str(out), "--no-progress", *SMALLEST],
+                               capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert len(_files_under(out)) == 2 * len(TASKS) * len(SPLITS)

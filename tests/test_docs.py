@@ -600,3 +600,56 @@ def test_cli_version():
     result = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"fairchem-eqv2 {__version__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Train commands that are safe to run twice
+
+TRAIN_COMMAND = re.compile(r"\bfairchem\s+--mode\s+train\b")
+NAMED_RUN = re.compile(r"--timestamp-id[ =]\S*\$\(date\b")
+
+
+def documented_train_commands() -> list[tuple[str, str]]:
+    """``(where, command)`` for every ``fairchem --mode train`` command in the docs' shell blocks and
+    in the configs' comments (continuation lines joined)."""
+    found = []
+    for path in DOCS:
+        for language, start, body in fenced_blocks(path.read_text()):
+            if language in SHELL_LANGUAGES | {""}:
+                found += [(f"{path.relative_to(ROOT)}:{start + offset}", line)
+                          for offset, line in shell_lines(language or "bash", body) if TRAIN_COMMAND.search(line)]
+    for path in sorted((ROOT / "configs").rglob("*.yml")):
+        comments = [line.lstrip()[1:] for line in path.read_text().splitlines() if line.lstrip().startswith("#")]
+        found += [(f"{path.relative_to(ROOT)}", line)
+                  for _, line in shell_lines("bash", comments) if TRAIN_COMMAND.search(line)]
+    return found
+
+
+def test_documented_train_commands_name_their_run():
+    """Each documented train command names its run with the date (fairchem's own name collides, see
+    below), or resumes one on purpose with ``--checkpoint``."""
+    commands = documented_train_commands()
+    assert len(commands) >= 20
+    unnamed = [where for where, line in commands if not NAMED_RUN.search(line) and "--checkpoint" not in line]
+    assert unnamed == [], f"train commands without --timestamp-id NAME-$(date ...): {unnamed}"
+
+
+def test_fairchem_unnamed_runs_collide(monkeypatch):
+    """Why the docs name every run: fairchem 1.10 broadcasts the start time as a float32 tensor, which
+    rounds the seconds since 1970 to the nearest multiple of 128, so runs started a minute apart share an id (and a
+    checkpoint folder, which the second run resumes from). If this fails, fairchem fixed it: the
+    paragraph in docs/workflow.md#train can go."""
+    import datetime
+    import types
+
+    import torch
+    from fairchem.core.trainers import base_trainer
+
+    def started_at(seconds: float) -> str:
+        clock = type("Clock", (datetime.datetime,), {"now": classmethod(lambda cls, tz=None: cls.fromtimestamp(seconds))})
+        monkeypatch.setattr(base_trainer, "datetime", types.SimpleNamespace(datetime=clock))
+        return base_trainer.BaseTrainer._get_timestamp(torch.device("cpu"), None)
+
+    start = 128 * 14_000_000 - 63.0  # in 2026; float32 rounds it and the next 127 s to 128 * 14e6
+    assert started_at(start) == started_at(start + 60) == started_at(start + 120)
+    assert started_at(start) != started_at(start + 130)

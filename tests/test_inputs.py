@@ -25,12 +25,14 @@ from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 from fairchem.core.models.base import HydraModel
 from fairchem.core.preprocessing import AtomsToGraphs
 from oracle import build_pair
-from structures import slab_with_adsorbate
+from structures import default_structures, slab_with_adsorbate, to_batch
 from test_checkpoints import deterministic_fairchem_frames, save_fairchem_hydra  # noqa: F401 (an autouse fixture)
+from test_conservative import model as conservative_model
 
 from fairchem_equiformerv2.backbone import EquiformerV2Backbone
 from fairchem_equiformerv2.checkpoints import convert_checkpoint
 from fairchem_equiformerv2.errors import ConfigError, ElementError, InputError
+from fairchem_equiformerv2.graph import search_cell
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ENERGY_TOLERANCE, FORCE_TOLERANCE = 1e-5, 1e-4  # relative, float32, as the checkpoint parity tests
@@ -187,6 +189,85 @@ def test_no_edge_anywhere_gives_zero_forces_and_trains():
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("use_pbc_single", [False, True])
+def test_structure_without_atoms_in_a_batch(use_pbc_single, reduce):
+    """A structure with no atoms gets energy 0 (fairchem's model too, with ``reduce: sum``) and the
+    others what they get without it; it used to crash (``max(): Expected reduction dim``) where it was
+    searched alone: with ``use_pbc_single``, or as the batch's only non-periodic structure."""
+    heads = {"energy": {"reduce": reduce}, "forces": {}, "stress": {}}
+    _, ours = build_pair({**SHAPE, "use_pbc_single": use_pbc_single}, heads)
+    structures = [Atoms(), slab_with_adsorbate(), chain_1d(), Atoms(cell=[10, 10, 10], pbc=True)]
+    kept, empty = [1, 2], [0, 3]
+    out, alone = ours(batch_of(structures)), ours(batch_of([structures[i] for i in kept]))
+    energy, forces, stress = out["energy"]["energy"], out["forces"]["forces"], out["stress"]["stress"]
+    assert energy.shape == (4,) and forces.shape == (18, 3) and stress.shape == (12, 3)
+    assert torch.equal(energy[empty], torch.zeros(2))
+    assert_close((alone["energy"]["energy"], alone["forces"]["forces"]), (energy[kept], forces))
+    alone_stress = alone["stress"]["stress"].view(2, 9)
+    assert (alone_stress - stress.view(4, 9)[kept]).abs().max() <= ENERGY_TOLERANCE * alone_stress.abs().max()
+    ours.train()  # a training step on the batch
+    out = ours(batch_of(structures))
+    (out["energy"]["energy"].sum() + out["forces"]["forces"].square().sum() + out["stress"]["stress"].sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+def test_structure_without_atoms_matches_fairchem(pair):
+    theirs, ours = pair
+    batch = batch_of([slab_with_adsorbate(), Atoms(cell=[10, 10, 10], pbc=True)])
+    assert_close(run(theirs, batch), run(ours, batch))
+
+
+def test_float64_geometry_into_a_float32_model(pair):
+    """Positions and cell in float64 (as ASE holds them) are cast to the model's float32: the numbers
+    of the float32 batch, in float32; fairchem's model fails (``expected scalar type Float``)."""
+    _, ours = pair
+    structures = default_structures()
+    narrow, wide = to_batch(structures, torch.float32), to_batch(structures, torch.float64)
+    energy, forces = run(ours, wide)
+    assert energy.dtype == forces.dtype == torch.float32 and wide.pos.dtype == torch.float64
+    assert_close(run(ours, narrow), (energy, forces))
+    # a gradient of the energy reaches the caller's float64 positions
+    gradients = []
+    for batch in (narrow, wide):
+        batch.pos.requires_grad_(True)
+        gradients.append(torch.autograd.grad(ours(batch)["energy"]["energy"].sum(), batch.pos)[0])
+    assert gradients[1].dtype == torch.float64
+    assert_close((torch.zeros(1), gradients[0]), (torch.zeros(1), gradients[1].float()))
+
+
+def test_float64_geometry_into_a_float32_conservative_model():
+    """Gradient forces and stress of a float32 model are the same from float64 positions and cell."""
+    model = conservative_model(stress=True, dtype=torch.float32)
+    structures = default_structures()[:2]
+    narrow, wide = (model(to_batch(structures, dtype)) for dtype in (torch.float32, torch.float64))
+    for name in ("energy", "forces", "stress"):
+        assert wide[name].dtype == torch.float32, name
+        torch.testing.assert_close(wide[name], narrow[name], msg=name)
+
+
+def test_orthogonal_cell_of_any_size_runs(pair):
+    """The linear-dependence test of cell vectors is by angles: a 3 x 1e9 x 1e9 A cell (a chain
+    periodic along a, its images along b and c far away) used to be refused as linearly dependent."""
+    theirs, ours = pair
+    atoms = Atoms("CuO", positions=[[0, 0, 0], [0.5, 0.3, 1.8]], cell=[3, 1e9, 1e9], pbc=True)
+    assert_close(run(theirs, batch_of([atoms])), run(ours, batch_of([atoms])))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e9])
+def test_cell_dependence_does_not_depend_on_scale(scale):
+    """Orthogonal or skewed cells pass :func:`search_cell` at every scale, also with lengths 3e8 apart;
+    vectors in a plane or on a line are refused at every scale."""
+    periodic = torch.ones(1, 3, dtype=torch.bool)
+    for good in ([[3, 0, 0], [0, 1e9, 0], [0, 0, 1e9]], [[3, 0, 0], [1, 4, 0], [0.5, -1, 5]], [[1e-9, 0, 0], [0, 1, 0], [0, 0, 1]]):
+        cell = torch.tensor([good], dtype=torch.float64) * scale
+        assert torch.equal(search_cell(cell, periodic), cell)
+    for bad in ([[3, 0, 0], [6, 0, 0], [0, 0, 5]], [[3, 0, 0], [0, 4, 0], [3, 4, 0]], [[3, 0, 0], [1, 4, 0], [2.2, 5.3, 1e-7]]):
+        cell = torch.tensor([bad], dtype=torch.float32) * scale
+        with pytest.raises(InputError, match="structure 0: the cell vectors of its periodic directions .* are linearly dependent"):
+            search_cell(cell, periodic)
+
+
 def test_non_periodic_model_needs_no_torch_cluster():
     """``use_pbc: False`` builds its graph with fairchem's own search (periodic directions off), the
     same edges as fairchem's model with the flags off, without torch_cluster or pyg-lib."""
@@ -215,12 +296,41 @@ def test_atoms_closer_than_fairchem_keeps_are_refused(pair):
     run(ours, batch_of([across]))
 
 
-def test_periodic_direction_without_a_cell_vector_is_refused(pair):
+@pytest.mark.parametrize("as_stored", [True, False])
+def test_periodic_direction_without_a_cell_vector_is_refused(pair, as_stored):
+    """With its cell as stored (a zero vector) or as fairchem's AtomsToGraphs gives it (ASE's
+    ``complete_cell`` puts a 1 A vector there: fairchem's model computes a crystal of 1 A period)."""
     _, ours = pair
     atoms = chain_1d()
     atoms.pbc = [True, True, False]
-    with pytest.raises(InputError, match=r"structure 0 is periodic along cell vector b .*that vector is zero"):
-        run(ours, raw_batch([atoms]))
+    what = "that vector is zero" if as_stored else r"that vector, \[0\.0, 1\.0, 0\.0\], is the 1 A vector .*complete_cell"
+    with pytest.raises(InputError, match=rf"structure 0 is periodic along cell vector b \(pbc\[1\] is True\) but {what}"):
+        run(ours, (raw_batch if as_stored else batch_of)([atoms]))
+
+
+@pytest.mark.parametrize("as_stored", [True, False])
+def test_molecule_with_pbc_and_no_cell_is_refused(pair, as_stored):
+    """A molecule with ``pbc=True`` and no cell: fairchem's model computes it as a crystal in a 1 A box
+    (its AtomsToGraphs completes the zero cell to the identity). Refused, naming the structure."""
+    _, ours = pair
+    water = molecule("H2O")
+    water.pbc = True
+    batch = (raw_batch if as_stored else batch_of)([slab_with_adsorbate(), water])
+    with pytest.raises(InputError, match=r"structure 1 is periodic along cell vector a \(pbc\[0\] is True\).*set pbc False"):
+        run(ours, batch)
+    water.pbc = False
+    run(ours, (raw_batch if as_stored else batch_of)([slab_with_adsorbate(), water]))
+
+
+def test_completed_cell_without_pbc_flags_is_refused(pair):
+    """A batch without ``pbc`` flags is periodic wherever there is a cell (fairchem's default); a cell
+    ASE completed (AtomsToGraphs without ``r_pbc`` on a molecule) is no cell, so it is refused, naming
+    the ways out. A zero cell without flags runs as a molecule (the molecular-LMDB test above)."""
+    _, ours = pair
+    batch = batch_of([slab_with_adsorbate(), molecule("CO")], pbc=False)
+    assert "pbc" not in batch
+    with pytest.raises(InputError, match=r"structure 1 is periodic along cell vector a \(the batch has no pbc flags.*use_pbc False"):
+        run(ours, batch)
 
 
 def test_atomic_number_outside_the_table_is_both_value_and_assertion_error():

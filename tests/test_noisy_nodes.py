@@ -4,7 +4,10 @@ train -> predict run through the ``fairchem`` CLI on demo IS2RE data."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from fairchem_equiformerv2.noisy_nodes import (
     corrupt_positions,
     denoising_target,
     draw_corruption,
+    mean_corrupted_target_norm,
     noisy_nodes_generator,
     relaxed_displacement,
 )
@@ -172,11 +176,75 @@ def test_coefficient_schedule():
     assert (NoisyNodesConfig().coefficient_start, NoisyNodesConfig().coefficient_end) == (15, 1)
 
 
-@pytest.mark.parametrize("bad", [{"probability": 1.5}, {"pos_std": 0}, {"noise_std": -1}, {"decay_steps": -1},
-                                 {"decay_steps": 1.5}, {"loss": "l2"}, {"unknown": 1}])
-def test_bad_config_is_refused(bad):
-    with pytest.raises((ConfigError, TypeError)):
-        NoisyNodesConfig(**bad)
+BAD_CONFIG = [  # (field, value): each refused with a ConfigError naming noisy_nodes.<field> and the value
+    ("probability", "0.5"),          # a string for a number (was a bare TypeError)
+    ("probability", 1.5),            # out of [0, 1]
+    ("probability", -0.1),           # negative
+    ("probability", math.nan),
+    ("probability", True),           # a boolean for a number
+    ("probability", [0.5]),          # a list
+    ("interpolate", "false"),        # a string for a boolean: true to Python (was accepted, reversing the recipe)
+    ("interpolate", 1),              # a number for a boolean
+    ("corrupt_fixed", "no"),         # (was accepted as true)
+    ("corrupt_fixed", None),
+    ("noise_std", math.inf),         # (was accepted)
+    ("noise_std", -0.3),
+    ("noise_std", "0.3"),
+    ("pos_std", 0),                  # must be > 0
+    ("pos_std", math.nan),
+    ("coefficient_start", -1),
+    ("coefficient_start", math.inf),
+    ("coefficient_end", "1"),
+    ("coefficient_end", math.nan),
+    ("decay_steps", 1.5),            # not a whole number
+    ("decay_steps", -1),
+    ("decay_steps", "100"),
+    ("decay_steps", True),
+    ("loss", "l2"),                  # not one of l1, l2mae
+    ("loss", 1),
+    ("seed", 1.5),                   # not a whole number (was accepted)
+    ("seed", -1),
+    ("seed", "0"),
+    ("noise_level", 0.1),            # an unknown field
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_CONFIG)
+def test_bad_config_field_is_named(field, value):
+    with pytest.raises(ConfigError, match=re.escape(f"noisy_nodes.{field}={value!r}: ")):
+        NoisyNodesConfig.from_config({field: value})
+    if field in NoisyNodesConfig.__dataclass_fields__:  # constructed directly, as well
+        with pytest.raises(ConfigError, match=re.escape(f"noisy_nodes.{field}={value!r}: ")):
+            NoisyNodesConfig(**{field: value})
+
+
+@pytest.mark.parametrize("block", [[0.5], "yes", False])
+def test_noisy_nodes_block_must_be_a_mapping(block):
+    with pytest.raises(ConfigError, match=re.escape(f"noisy_nodes={block!r}: must be a mapping")):
+        NoisyNodesConfig.from_config(block)
+
+
+def test_bad_config_stops_the_model_before_it_is_built():
+    with pytest.raises(ConfigError, match=re.escape("noisy_nodes.corrupt_fixed='no': must be true or false")):
+        build_hydra(corrupt_fixed="no")
+
+
+@pytest.mark.parametrize("good", [{"probability": 0}, {"probability": 1}, {"noise_std": 0}, {"decay_steps": 0},
+                                  {"coefficient_start": 0, "coefficient_end": 0}, {"seed": 0}, {"seed": None},
+                                  {"loss": "l2mae"}, {"interpolate": False, "corrupt_fixed": True},
+                                  {"pos_std": np.float64(0.5)}, {}, None])
+def test_edge_values_are_accepted(good):
+    config = NoisyNodesConfig.from_config(good)
+    for field, value in (good or {}).items():
+        assert getattr(config, field) == value
+
+
+@pytest.mark.parametrize("path", [DEMO_NN, FULL_NN], ids=["demo", "is2re"])
+def test_published_noisy_nodes_blocks_are_accepted(path):
+    block = yaml.safe_load(path.read_text())["model"]["backbone"]["noisy_nodes"]
+    config = NoisyNodesConfig.from_config(block)
+    assert dataclasses.asdict(config) == {**dataclasses.asdict(NoisyNodesConfig()), **block}
+    assert config.interpolate is True and config.corrupt_fixed is False
 
 
 def test_head_needs_the_noisy_nodes_backbone():
@@ -266,6 +334,82 @@ def test_noisy_nodes_scale_command(demo_data):
     refused = subprocess.run([*eqv2_cmd(), "noisy-nodes-scale", str(demo_data / "s2ef" / "train")],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "no pos_relaxed" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def _lmdb(path: Path, entries: dict[bytes, bytes]) -> Path:
+    import lmdb
+
+    env = lmdb.open(str(path), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        for key, value in entries.items():
+            txn.put(key, value)
+    env.close()
+    return path
+
+
+def _bad_source(kind: str, folder: Path) -> Path:
+    """A ``noisy-nodes-scale`` source of ``kind`` that is not an IS2RE LMDB, in ``folder``."""
+    if kind == "folder without an LMDB":
+        (folder / "data").mkdir()
+        (folder / "data" / "README").write_text("no LMDB here")
+        return folder / "data"
+    if kind == "empty LMDB":
+        return _lmdb(folder / "empty.lmdb", {})
+    if kind == "entry not a pickle":
+        return _lmdb(folder / "garbage.lmdb", {b"0": b"garbage"})
+    path = folder / "data.lmdb"
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(8192))
+    elif kind == "empty file":
+        path.touch()
+    return path  # "missing": not created
+
+
+BAD_SOURCES = [  # (kind, a fragment of the one-line error)
+    ("folder without an LMDB", "no LMDB here"), ("empty LMDB", "has no entries"),
+    ("random bytes", "not a readable LMDB file"), ("empty file", "not a readable LMDB file"),
+    ("entry not a pickle", "entry 0 is not a pickled"), ("missing", "no such file or folder"),
+]
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    from fairchem_equiformerv2.cli import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err and "pos_std" not in captured.out, captured
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind, fragment", BAD_SOURCES)
+def test_noisy_nodes_scale_bad_source_is_one_line(kind, fragment, tmp_path, capsys):
+    src = _bad_source(kind, tmp_path)
+    line = _one_line_error(["noisy-nodes-scale", str(src)], capsys)
+    assert line.startswith("fairchem-eqv2 noisy-nodes-scale: error: ") and str(src) in line and fragment in line
+
+
+def test_noisy_nodes_scale_all_fixed_atoms_is_one_line(demo_data, tmp_path, capsys):
+    from fairchem.core.datasets import LmdbDataset
+
+    data = LmdbDataset({"src": str(demo_data / "is2re" / "train")})[0]
+    data.fixed = torch.ones_like(data.fixed)
+    src = _lmdb(tmp_path / "fixed.lmdb", {b"0": pickle.dumps(data)})
+    line = _one_line_error(["noisy-nodes-scale", str(src)], capsys)
+    assert str(src) in line and "no free atoms" in line
+
+
+@pytest.mark.parametrize("noise_std", ["-0.1", "nan", "inf"])
+def test_noisy_nodes_scale_bad_noise_std_is_one_line(noise_std, demo_data, capsys):
+    line = _one_line_error(["noisy-nodes-scale", str(demo_data / "is2re" / "train"), "--noise-std", noise_std], capsys)
+    assert f"--noise-std {float(noise_std)}: must be a number >= 0" in line
+
+
+def test_corrupted_target_norm_refuses_a_bad_noise_std():
+    with pytest.raises(ConfigError, match="noise_std=nan"):
+        mean_corrupted_target_norm(torch.ones(4, 3), noise_std=math.nan)
+    with pytest.raises(ConfigError, match="draws=0"):
+        mean_corrupted_target_norm(torch.ones(4, 3), draws=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +567,7 @@ def test_noisy_nodes_configs(nn_path, base_path):
     assert nn_cfg["dataset"]["train"]["key_mapping"] == {"y_relaxed": "energy"}
     assert (knobs["probability"], knobs["noise_std"], knobs["interpolate"]) == (0.5, 0.3, True)
     assert (knobs["coefficient_start"], knobs["coefficient_end"]) == (15, 1) and knobs["decay_steps"] > 0
-    NoisyNodesConfig(**knobs)
+    NoisyNodesConfig.from_config(knobs)
     heads = nn_cfg["model"]["heads"]
     assert heads["noisy_nodes"]["module"] == "fairchem_equiformerv2.NoisyNodesHead"
     assert heads["energy"] == base["model"]["heads"]["energy"]

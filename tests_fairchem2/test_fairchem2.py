@@ -91,13 +91,19 @@ def test_batched_prediction_of_structures_of_different_sizes(predict_unit):
         first += len(a)
 
 
-def test_relaxation_lowers_the_energy_and_the_forces(predict_unit):
+def test_relaxation_converges_below_the_start(predict_unit):
+    """What BFGS guarantees on converging: forces under fmax. With direct forces the energy is not
+    monotone along the way and the largest force swings (0.08-0.18 eV/A over the first 30 steps on an
+    Intel Xeon), so only the end point is checked: converged, and lower than the start. It converged
+    in 194 steps there and 326 on an AMD EPYC (float rounding picks the path); 1,000 leave room."""
     atoms = reference_atoms("slab")
     atoms.calc = FAIRChemCalculator(predict_unit, task_name=REFERENCE["dataset"])
     start_energy, start_fmax = atoms.get_potential_energy(), np.abs(atoms.get_forces()).max()
-    BFGS(atoms, logfile=None).run(fmax=0.05, steps=30)
+    fmax = 0.05
+    assert start_fmax > fmax  # there is something to relax
+    assert BFGS(atoms, logfile=None).run(fmax=fmax, steps=1000)
+    assert np.linalg.norm(atoms.get_forces(), axis=1).max() < fmax
     assert atoms.get_potential_energy() < start_energy
-    assert np.abs(atoms.get_forces()).max() < start_fmax
     assert np.array_equal(atoms.positions[:4], reference_atoms("slab").positions[:4])  # fixed atoms stay
 
 

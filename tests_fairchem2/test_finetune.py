@@ -32,6 +32,8 @@ def test_finetune_with_fairchem2s_trainer(tmp_path):
     sizes = ["--num-s2ef-train", 24, "--num-s2ef-val", 8, "--num-s2ef-test", 2]
     run([BIN / "fairchem-eqv2", "demo-data", tmp_path / "data", "--format", "aselmdb", "--no-progress", *sizes],
         tmp_path / "data.log")
+    for split in ("train", "val"):  # no lock or temporary file left beside the data
+        assert sorted(p.name for p in (tmp_path / "data" / "s2ef" / split).iterdir()) == ["data.aselmdb", "metadata.npz"]
     assert len(connect(str(tmp_path / "data" / "s2ef" / "train" / "data.aselmdb"))) == 24
 
     log = run([BIN / "fairchem", "-c", CONFIG, f"starting_checkpoint={CHECKPOINT}", f"data_dir={tmp_path / 'data' / 's2ef'}",

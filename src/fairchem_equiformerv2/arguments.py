@@ -34,16 +34,17 @@ def integer(minimum: int) -> Rule:
     return rule
 
 
-def real(minimum: float, *, above: bool = False, below: float | None = None) -> Rule:
-    """A finite number ``>= minimum`` (``> minimum`` with ``above``; ``< below`` when given)."""
+def real(minimum: float, *, above: bool = False, below: float | None = None, maximum: float | None = None) -> Rule:
+    """A finite number ``>= minimum`` (``> minimum`` with ``above``; ``< below`` and ``<= maximum`` when given)."""
+    bounds = f"{'>' if above else '>='} {minimum}" + (f" and < {below}" if below is not None else "")
+    bounds += f" and <= {maximum}" if maximum is not None else ""
 
     def rule(value):
-        bounds = f"{'>' if above else '>='} {minimum}" + (f" and < {below}" if below is not None else "")
         if not _is_real(value):
             return f"must be a number {bounds}, not a {type(value).__name__}"
         value = float(value)
         ok = math.isfinite(value) and (value > minimum if above else value >= minimum)
-        ok = ok and (below is None or value < below)
+        ok = ok and (below is None or value < below) and (maximum is None or value <= maximum)
         return None if ok else f"must be a number {bounds}"
 
     return rule
@@ -56,8 +57,19 @@ def flag(value) -> str | None:
     return f"must be true or false, not a {type(value).__name__}"
 
 
+def boolean(value) -> str | None:
+    """true or false only (YAML's booleans): a string such as ``"no"`` or ``"false"`` is true to Python."""
+    return None if isinstance(value, bool) else f"must be true or false, not a {type(value).__name__}"
+
+
 def text(value) -> str | None:
     return None if isinstance(value, str) else f"must be a string, not a {type(value).__name__}"
+
+
+def one_of(*choices: str) -> Rule:
+    """One of the strings ``choices``."""
+    names = ", ".join(repr(choice) for choice in choices)
+    return lambda value: None if isinstance(value, str) and value in choices else f"must be one of {names}"
 
 
 def optional(rule: Rule) -> Rule:
@@ -86,3 +98,19 @@ def check_arguments(values: Mapping[str, object], rules: Mapping[str, Rule], own
             problem = rule(values[name])
             if problem:
                 raise ConfigError(f"{owner}: {name}={values[name]!r}: {problem}")
+
+
+def check_block(values: object, rules: Mapping[str, Rule], block: str) -> dict:
+    """The settings of a nested config block (``noisy_nodes: {...}``) as a dict, after checking them:
+    :class:`ConfigError` when ``values`` is not a mapping (``None`` is an empty block), names a field
+    without a rule (an unknown field) or a field breaks its rule: ``"<block>.<field>=<value>: <what is
+    wrong>"``."""
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{block}={values!r}: must be a mapping of settings (field: value)")
+    for name, value in values.items():
+        problem = rules[name](value) if name in rules else f"unknown field (the fields: {', '.join(rules)})"
+        if problem:
+            raise ConfigError(f"{block}.{name}={value!r}: {problem}")
+    return dict(values)

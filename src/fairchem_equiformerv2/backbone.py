@@ -17,6 +17,7 @@ equivariant modules (fairchem 1.x's trainers have no compile switch of their own
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 
@@ -40,6 +41,8 @@ from .so3.frames import edge_frames
 from .so3.layout import EdgeLayout
 from .so3.rotation import EdgeRotation
 from .weight_init import init_weights
+
+logger = logging.getLogger(__name__)
 
 # Statistics of OC20 IS2RE 100k (max_radius 5, max_neighbors 100): fairchem's defaults.
 _AVG_NUM_NODES = 77.81317
@@ -176,7 +179,7 @@ class EquiformerV2Backbone(nn.Module):
         )
         for name, value in (("attn_activation", attn_activation), ("ffn_activation", ffn_activation)):
             if value not in ACTIVATION_NAMES:
-                logging.warning(
+                logger.warning(
                     "%s=%r is ignored, as in fairchem's EquiformerV2: the S2 grid's nonlinearity is SiLU", name, value
                 )
         _check(not use_s2_act_attn, "use_s2_act_attn=True is not supported (fairchem refuses it too: it was never used)")
@@ -202,7 +205,7 @@ class EquiformerV2Backbone(nn.Module):
         )
         _check(norm_type in NORM_TYPES, f"norm_type={norm_type!r}: must be one of {NORM_TYPES}")
         if num_distance_basis != 512:
-            logging.warning(
+            logger.warning(
                 "num_distance_basis=%s is ignored, as in fairchem's EquiformerV2: distances always use %d Gaussians",
                 num_distance_basis, NUM_GAUSSIANS,
             )
@@ -365,11 +368,26 @@ class EquiformerV2Backbone(nn.Module):
     energy_gradients = None
 
     def forward(self, data) -> dict:
+        data = self._geometry_in_model_dtype(data)
         if self.energy_gradients is not None:  # forces (and stress) as gradients of the energy
             with torch.enable_grad(), plain_autograd():
                 data, inputs = self.energy_gradients.prepare(data)
                 return {**self._embed(data), **inputs}
         return self._embed(data)
+
+    def _geometry_in_model_dtype(self, data):
+        """``data``, or a shallow copy whose ``pos`` and ``cell`` are cast to the parameters' dtype
+        (float64 positions into a float32 model, as ASE gives them): outputs come in the model's dtype.
+        ``.to`` is differentiable, so a gradient taken by the caller reaches the original positions."""
+        dtype = next(self.parameters()).dtype
+        cell = getattr(data, "cell", None)
+        if data.pos.dtype == dtype and (cell is None or cell.dtype == dtype):
+            return data
+        data = copy.copy(data)  # the caller's batch keeps its tensors
+        data.pos = data.pos.to(dtype)
+        if cell is not None:
+            data.cell = cell.to(dtype)
+        return data
 
     def embed_atoms(self, data, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """Node features ``[N, (lmax+1)**2, C]`` before the edge-degree embedding: the atom embedding in

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import numbers
 import os
 import pickle
 import re
@@ -34,6 +35,8 @@ import torch
 
 from .atomic import check_destination, write_bytes_atomically
 from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 DERIVED_BUFFERS = (
     "to_grid_mat", "from_grid_mat", "l_harmonic", "m_harmonic", "m_complex", "res_size", "to_m",
@@ -211,8 +214,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
 
     Refuses, with :class:`CheckpointError`: a missing path or a directory, an empty, truncated or
     corrupted file (zip CRCs are verified before unpickling), a pickle with Python objects other
-    than tensors and plain containers (unless ``trust``), and a dict without ``state_dict`` and
-    ``config``.
+    than tensors and plain containers (unless ``trust``), a dict without ``state_dict`` and
+    ``config``, and parts not laid out as fairchem's trainer writes them (:func:`_check_layout`).
     """
     path = Path(path)
     if not path.exists():
@@ -257,7 +260,57 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict:
         )
     if not isinstance(checkpoint["config"], Mapping) or not isinstance(checkpoint["state_dict"], Mapping):
         raise CheckpointError(f"checkpoint {path}: 'config' and 'state_dict' must be dicts")
+    try:
+        _check_layout(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
     return dict(checkpoint)
+
+
+def _mapping(value, field: str, *, optional: bool = True) -> Mapping:
+    """``value`` when it is a mapping (``{}`` for a missing one when ``optional``); otherwise a
+    :class:`CheckpointError` naming ``field`` (a path such as ``config.model.heads``)."""
+    if value is None and optional:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"{field} is a {type(value).__name__} ({_short(value)}), not a mapping")
+    return value
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_layout(checkpoint: Mapping) -> None:
+    """Refuse, naming the field, parts of a checkpoint that are not what fairchem's trainer writes:
+    ``state_dict`` must map names to tensors; ``ema`` (if any) be a mapping whose ``shadow_params``
+    and ``collected_params`` are lists of tensors; ``normalizers`` and ``elementrefs`` (if any) map
+    each target to a mapping of tensors or numbers (a module's state dict)."""
+    for key, value in checkpoint["state_dict"].items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"state_dict has a key {key!r} that is not a string")
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"state_dict[{key!r}] is a {type(value).__name__} ({_short(value)}), not a tensor")
+    ema = _mapping(checkpoint.get("ema"), "ema")
+    for field in ("shadow_params", "collected_params"):
+        values = ema.get(field)
+        if values is not None and not isinstance(values, (list, tuple)):
+            raise CheckpointError(f"ema.{field} is a {type(values).__name__} ({_short(values)}), not a list of tensors")
+        for i, value in enumerate(values or ()):
+            if not torch.is_tensor(value):
+                raise CheckpointError(f"ema.{field}[{i}] is a {type(value).__name__} ({_short(value)}), not a tensor")
+    for section in ("normalizers", "elementrefs"):
+        for target, state in _mapping(checkpoint.get(section), section).items():
+            for name, value in _mapping(state, f"{section}.{target}", optional=False).items():
+                if not (torch.is_tensor(value) or _is_number(value)):
+                    raise CheckpointError(
+                        f"{section}.{target}.{name} is a {type(value).__name__} ({_short(value)}), not a tensor or number"
+                    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -277,7 +330,8 @@ def checkpoint_kind(config: Mapping) -> str:
     and heads) or ``"plugin"`` (ours already). Anything else raises :class:`CheckpointError`."""
     model = config.get("model")
     if isinstance(model, str):  # fairchem's older layout: model name + model_attributes
-        if model == LEGACY_MODEL and isinstance(config.get("model_attributes"), Mapping):
+        if model == LEGACY_MODEL:
+            _mapping(config.get("model_attributes"), "config.model_attributes", optional=False)
             return "legacy"
         raise CheckpointError(f"the checkpoint's model is {model!r}, not EquiformerV2 ({LEGACY_MODEL!r} or a hydra model)")
     if not isinstance(model, Mapping):
@@ -287,8 +341,9 @@ def checkpoint_kind(config: Mapping) -> str:
         return "legacy"
     if name != "hydra":
         raise CheckpointError(f"the checkpoint's model is {name!r}, not EquiformerV2 ({LEGACY_MODEL!r} or a hydra model)")
-    backbone = (model.get("backbone") or {}).get("model")
-    heads = {h: (c or {}).get("module") for h, c in (model.get("heads") or {}).items()}
+    backbone = _mapping(model.get("backbone"), "config.model.backbone").get("model")
+    heads = {h: _mapping(c, f"config.model.heads.{h}").get("module")
+             for h, c in _mapping(model.get("heads"), "config.model.heads").items()}
     if backbone in PLUGIN_BACKBONES:
         known, kind = set(PLUGIN_HEADS), "plugin"
     elif backbone in FAIRCHEM_BACKBONES:
@@ -331,16 +386,32 @@ def _legacy_model_config(config: Mapping, state_dict: Mapping) -> tuple[dict, di
 def _legacy_training_sections(config: Mapping, outputs: dict) -> dict:
     """``loss_functions`` and ``evaluation_metrics`` for an older config that lacks them, as
     fairchem's ``update_config`` would write them (so that fairchem does not try again on load)."""
-    energy = {"energy": {"fn": config.get("optim", {}).get("loss_energy", "mae"),
-                         "coefficient": config.get("optim", {}).get("energy_coefficient", 1)}}
+    optim = config.get("optim") or {}
+    energy = {"energy": {"fn": optim.get("loss_energy", "mae"), "coefficient": optim.get("energy_coefficient", 1)}}
     if "forces" not in outputs:
         return {"loss_functions": [energy],
                 "evaluation_metrics": {"metrics": {"energy": ["mae", "mse", "energy_within_threshold"]}}}
-    forces = {"forces": {"fn": config.get("optim", {}).get("loss_forces", "l2mae"),
-                         "coefficient": config.get("optim", {}).get("force_coefficient", 30)}}
+    forces = {"forces": {"fn": optim.get("loss_forces", "l2mae"), "coefficient": optim.get("force_coefficient", 30)}}
     metrics = {"misc": ["energy_forces_within_threshold"], "energy": ["mae"],
                "forces": ["forcesx_mae", "forcesy_mae", "forcesz_mae", "mae", "cosine_similarity", "magnitude_error"]}
     return {"loss_functions": [energy, forces], "evaluation_metrics": {"metrics": metrics}}
+
+
+#: config sections the converter reads: each a mapping when present (``dataset`` may be a list of them)
+CONFIG_SECTIONS = ("outputs", "task", "optim")
+
+
+def _check_config_sections(config: Mapping) -> None:
+    """Refuse, naming the field, a section the converter reads that is not a mapping."""
+    for section in CONFIG_SECTIONS:
+        _mapping(config.get(section), f"config.{section}")
+    for name, output in _mapping(config.get("outputs"), "config.outputs").items():
+        _mapping(output, f"config.outputs.{name}", optional=False)
+    dataset = config.get("dataset")
+    splits = {f"config.dataset[{i}]": split for i, split in enumerate(dataset)} if isinstance(dataset, list) else {
+        "config.dataset": dataset}
+    for field, split in splits.items():
+        _mapping(split, field)
 
 
 def convert_config(config: Mapping, state_dict: Mapping | None = None) -> dict:
@@ -352,6 +423,7 @@ def convert_config(config: Mapping, state_dict: Mapping | None = None) -> dict:
     The original model section and trainer are kept under ``config["converted_from"]``.
     """
     kind = checkpoint_kind(config)
+    _check_config_sections(config)
     new = copy.deepcopy(dict(config))
     original = {"model": copy.deepcopy(config.get("model")), "trainer": config.get("trainer")}
     if kind == "legacy":
@@ -434,17 +506,80 @@ def _check_against_model(mapped: Mapping[str, torch.Tensor], model: torch.nn.Mod
         raise CheckpointError("weights do not match the checkpoint's configuration: " + "; ".join(wrong))
 
 
-def _check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse NaN or infinite values, naming the first tensor that holds them and how many: a model
-    with them would predict NaN for every structure."""
+DIVERGED = "the training that wrote this checkpoint diverged; use an earlier checkpoint"
+NOT_FINITE_SETTING = "every prediction would be NaN; correct or remove the value"
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor | float], what: str, advice: str = DIVERGED) -> None:
+    """Refuse NaN or infinite values (in tensors or plain numbers), naming the first entry that holds
+    them and how many, then ``advice``: a model with them would predict NaN for every structure."""
     for name, value in tensors.items():
+        if _is_number(value):
+            value = torch.tensor(float(value))
         if torch.is_tensor(value) and value.is_floating_point():
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise CheckpointError(
-                    f"{what} {name} holds {bad} NaN or infinite value(s) of {value.numel()}: the training that "
-                    "wrote this checkpoint diverged; use an earlier checkpoint"
+                    f"{what} {name} holds {bad} NaN or infinite value(s) of {value.numel()}: {advice}"
                 )
+
+
+#: fairchem's older normaliser settings, at the top of the dataset section (``normalize_labels``)
+LEGACY_NORMALIZER_KEYS = ("target_mean", "target_std", "grad_target_mean", "grad_target_std")
+
+
+def _check_normalizers(checkpoint: Mapping) -> None:
+    """Refuse a NaN or infinite normaliser or element reference, naming the field: the checkpoint's
+    ``normalizers`` and ``elementrefs`` (what fairchem predicts with) and the numbers of its config's
+    settings (what fine-tuning starts from, :func:`config_normalizer_values`)."""
+    values = {f"{section}.{target}.{name}": value for section in ("normalizers", "elementrefs")
+              for target, state in (checkpoint.get(section) or {}).items() for name, value in state.items()}
+    _check_normalizer_values({**values, **config_normalizer_values(checkpoint["config"])})
+
+
+def _check_normalizer_values(values: Mapping[str, object]) -> None:
+    """Refuse a NaN or infinite entry of ``values`` (normaliser and element-reference values by their
+    paths), naming it as one or the other."""
+    def is_reference(path: str) -> bool:
+        return path.startswith("elementrefs.") or ".element_references" in path
+
+    for references in (False, True):
+        _check_finite({path: value for path, value in values.items() if is_reference(path) == references},
+                      "element reference" if references else "normaliser", NOT_FINITE_SETTING)
+
+
+def config_normalizer_values(config: Mapping, where: str = "config") -> dict[str, object]:
+    """Every number of a config's normaliser and element-reference settings, by its path (e.g.
+    ``config.dataset.train.transforms.normalizer.energy.mean``, ``config.dataset.target_std``): in
+    ``dataset`` (its first entry if a list) and its ``train`` split, ``transforms.normalizer``,
+    ``transforms.element_references`` and :data:`LEGACY_NORMALIZER_KEYS`."""
+    dataset = config.get("dataset")
+    if isinstance(dataset, list):
+        dataset, where = (dataset[0] if dataset else None), f"{where}.dataset[0]"
+    else:
+        where = f"{where}.dataset"
+    sections = {where: dataset}
+    if isinstance(dataset, Mapping):
+        sections[f"{where}.train"] = dataset.get("train")
+    values = {}
+    for path, section in sections.items():
+        if not isinstance(section, Mapping):
+            continue
+        transforms = section.get("transforms")
+        for name in ("normalizer", "element_references"):
+            if isinstance(transforms, Mapping):
+                values.update(_numbers(transforms.get(name), f"{path}.transforms.{name}"))
+        values.update({f"{path}.{key}": section[key] for key in LEGACY_NORMALIZER_KEYS if _is_number(section.get(key))})
+    return values
+
+
+def _numbers(value, path: str) -> dict[str, object]:
+    """The numbers and tensors nested in ``value`` (mappings and lists), by their dotted paths."""
+    if isinstance(value, Mapping):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{path}.{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{path}[{i}]").items()}
+    return {path: value} if _is_number(value) or torch.is_tensor(value) else {}
 
 
 def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -517,6 +652,7 @@ def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
         mapped_keys = _mapped_key_table(state_dict)
     _check_against_model(mapped, model)
     _check_finite(mapped, "weight")
+    _check_normalizers(checkpoint)
 
     new = dict(checkpoint)
     new["config"] = new_config
@@ -575,11 +711,12 @@ def convert_checkpoint(
         new = convert_checkpoint_dict(checkpoint)
         if to == "fairchem2":
             names = trainable_parameter_names(build_model(new["config"]["model"]))
-            write_bytes_atomically(dst, serialise(fairchem2_checkpoint(new, names, dataset)))
+            data = serialise(fairchem2_checkpoint(new, names, dataset))
+            write_bytes_atomically(dst, data, overwrite=overwrite, what="destination", error=CheckpointError)
             return dst
     except (CheckpointError, Fairchem2ConversionError) as e:
         raise CheckpointError(f"{src}: {e}") from None
-    _atomic_save(new, dst)
+    _atomic_save(new, dst, overwrite=overwrite)
     return dst
 
 
@@ -608,15 +745,15 @@ def fix_checkpoint(
         new = convert_checkpoint_dict(checkpoint)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
-    _atomic_save(new, dst)
+    _atomic_save(new, dst, overwrite=overwrite or dst == src)  # in place: replaces src
     return dst
 
 
-def _atomic_save(obj, dst: Path) -> None:
+def _atomic_save(obj, dst: Path, *, overwrite: bool) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_bytes_atomically(dst, buffer.getvalue())
-    logging.info("wrote %s", dst)
+    write_bytes_atomically(dst, buffer.getvalue(), overwrite=overwrite, what="destination", error=CheckpointError)
+    logger.info("wrote %s", dst)
 
 
 def calculator(checkpoint_path: str | os.PathLike, *, cpu: bool = True, trust: bool = False, **kwargs):

@@ -8,27 +8,64 @@ User errors (:class:`~fairchem_equiformerv2.errors.UserInputError`) and the OS's
 missing file, a full disk, a read-only folder, with the path) are printed as one line on stderr with
 exit status 2, without a traceback; what a command writes is never left half-written. Every command
 that writes refuses an output that is one of its inputs, and replaces an existing one only with
-``--force``.
+``--force``. An interrupt (Ctrl-C, or SIGTERM) is one line too, with exit status 128 + the signal's
+number (130, 143), and leaves no partial output.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from .errors import UserInputError
 
 EXIT_USER_ERROR = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that the clean-up of Ctrl-C runs for it too."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fairchem-eqv2``; returns the exit status (0 on success)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # fairchem 1.10's modules warn about their own torch.load calls when imported: noise around the one
-    # line a command prints
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairchem\.core")
+    command = None
+    try:
+        with _sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            command = args.command
+            # fairchem 1.10's modules warn about their own torch.load calls when imported: noise around the
+            # one line a command prints
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairchem\.core")
+            return _run(args)
+    except KeyboardInterrupt as interrupt:
+        name = "fairchem-eqv2" if command is None else f"fairchem-eqv2 {command}"
+        print(f"{name}: interrupted; no output was left half-written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; a user's or the OS's error is one line on stderr and exit status 2."""
     try:
         args.handler(args)
     except UserInputError as error:
@@ -330,8 +367,11 @@ def _add_noisy_nodes_scale(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_noisy_nodes_scale(args: argparse.Namespace) -> None:
-    from .noisy_nodes import free_displacements, mean_corrupted_target_norm
+    from .noisy_nodes import CONFIG_RULES, free_displacements, mean_corrupted_target_norm
 
+    problem = CONFIG_RULES["noise_std"](args.noise_std)  # the config's rule: a finite number >= 0
+    if problem:
+        raise UserInputError(f"--noise-std {args.noise_std}: {problem}")
     displacement = free_displacements(args.src)
     distances = displacement.norm(dim=1)
     print(f"{args.src}: {len(distances)} free atoms; relaxed displacement mean {float(distances.mean()):.4f} A, "

@@ -6,6 +6,11 @@ the energy's gradient. :class:`.conservative.ConservativeHead` is an ``EnergyHea
 dropped. The result is a fairchem checkpoint whose config has the conservative heads and normalisers:
 fine-tune it with fairchem's ``finetune_config`` (``benchmarks/conservative_learning.py`` does), or
 load it in ``OCPCalculator``.
+
+The direct checkpoint is read as every checkpoint is (:func:`.checkpoints.read_checkpoint`: weights
+only, unless trusted), must be a plugin checkpoint, and is refused, naming the tensor or field, if a
+weight, normaliser or element reference it carries is NaN or infinite; the new file is written
+atomically and never over an existing one without ``overwrite``.
 """
 from __future__ import annotations
 
@@ -14,6 +19,17 @@ from pathlib import Path
 
 import torch
 
+from .atomic import check_destination
+from .checkpoints import (
+    CheckpointError,
+    _atomic_save,
+    _check_finite,
+    _check_normalizer_values,
+    _check_normalizers,
+    checkpoint_kind,
+    config_normalizer_values,
+    read_checkpoint,
+)
 from .errors import ConfigError
 
 CONSERVATIVE_HEAD = "fairchem_equiformerv2.ConservativeHead"
@@ -55,12 +71,30 @@ def conservative_checkpoint_dict(checkpoint: dict, conservative_config: dict) ->
     return new
 
 
-def to_conservative_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, conservative_config: dict) -> Path:
-    """Read the direct-force checkpoint ``source``, write :func:`conservative_checkpoint_dict` of it to
-    ``destination`` (a new file: an existing one is refused). Returns ``destination``."""
-    destination = Path(destination)
-    if destination.exists():
-        raise FileExistsError(f"{destination} exists: choose a new file")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    torch.save(conservative_checkpoint_dict(checkpoint, conservative_config), destination)
+def to_conservative_checkpoint(
+    source: str | os.PathLike, destination: str | os.PathLike, conservative_config: dict, *,
+    trust: bool = False, overwrite: bool = False,
+) -> Path:
+    """Read the direct-force plugin checkpoint ``source`` (``weights_only``, unless ``trust``), write
+    :func:`conservative_checkpoint_dict` of it to ``destination``, atomically. Returns ``destination``.
+
+    Raises :class:`.checkpoints.CheckpointError`, writing nothing, for: an existing ``destination``
+    (unless ``overwrite``) or one that is ``source``; what :func:`.checkpoints.read_checkpoint`
+    refuses; a checkpoint that is not the plugin's (convert fairchem's first); a NaN or infinite
+    weight, normaliser or element reference, naming it.
+    """
+    source, destination = Path(source), Path(destination)
+    check_destination(destination, [source], overwrite=overwrite, what="destination", flag="overwrite=True",
+                      error=CheckpointError)
+    _check_normalizer_values(config_normalizer_values(conservative_config, "conservative_config"))
+    checkpoint = read_checkpoint(source, trust=trust)
+    try:
+        if checkpoint_kind(checkpoint["config"]) != "plugin":
+            raise CheckpointError("not a plugin checkpoint; convert it first (fairchem-eqv2 convert-checkpoint)")
+        new = conservative_checkpoint_dict(checkpoint, conservative_config)
+        _check_finite(new["state_dict"], "weight")
+        _check_normalizers(new)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    _atomic_save(new, destination, overwrite=overwrite)
     return destination

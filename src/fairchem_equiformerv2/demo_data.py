@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .atomic import check_destination
+from .atomic import check_destination, staged_folder
 from .demo_structures import displaced, emt_relaxation, labelled, random_system
 from .errors import UserInputError
 
@@ -127,13 +127,17 @@ def make_demo_data(
             missing splits take :data:`DEFAULT_S2EF_SIZES`.
         is2re_sizes: systems per split; missing splits take :data:`DEFAULT_IS2RE_SIZES`.
         progress: show a tqdm progress bar per split.
-        overwrite: replace existing demo files; without it they are refused before anything is made.
+        overwrite: replace existing demo files; without it they are refused before anything is made,
+            and also when another process wrote them while these were being made.
         format: ``"lmdb"`` (fairchem 1.x) or ``"aselmdb"`` (fairchem 2.x; S2EF only).
         is2re_recipe: a key of :data:`IS2RE_RECIPES`: how IS2RE systems start and relax.
 
     Returns:
         ``{"s2ef": {"train": path, "val": path, "test": path}, "is2re": {...}}``, the paths
         of the ``data.lmdb`` files (each folder also holds ``metadata.npz``).
+
+    The files are made in a hidden folder inside ``out_dir`` and moved into place once all are
+    complete (:func:`.staged_folder`): a failure or an interrupt (Ctrl-C) leaves nothing this made.
     """
     sizes = {
         "s2ef": _resolve_sizes(s2ef_sizes, DEFAULT_S2EF_SIZES, "s2ef"),
@@ -146,28 +150,28 @@ def make_demo_data(
     if is2re_recipe not in IS2RE_RECIPES:
         raise UserInputError(f"IS2RE recipe {is2re_recipe!r}: must be one of {', '.join(IS2RE_RECIPES)}")
     tasks = TASKS if format == "lmdb" else ("s2ef",)
-    folders = {(task, split): Path(out_dir) / task / split for task in tasks for split in SPLITS}
-    for folder in folders.values():  # every refusal before the first split is made
+    out_dir = Path(out_dir)
+    for task, split in itertools.product(tasks, SPLITS):  # every refusal before the first split is made
         for name in (f"data.{format}", "metadata.npz"):
-            check_destination(folder / name, overwrite=overwrite, what="demo file")
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+            check_destination(out_dir / task / split / name, overwrite=overwrite, what="demo file")
     from tqdm import tqdm
 
     paths: dict[str, dict[str, Path]] = {}
-    for task in tasks:
-        paths[task] = {}
-        for split in SPLITS:
-            size = sizes[task][split]
-            if format == "aselmdb":
-                entries = (frame for frame, _, _ in s2ef_frames(seed, split, size))
-                write = write_aselmdb_split
-            elif task == "is2re":
-                entries, write = is2re_entries(seed, split, size, is2re_recipe), write_split
-            else:
-                entries, write = s2ef_entries(seed, split, size), write_split
-            bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
-            paths[task][split] = write(folders[task, split], list(bar))
+    with staged_folder(out_dir, overwrite=overwrite, what="demo file") as staging:
+        for task in tasks:
+            paths[task] = {}
+            for split in SPLITS:
+                size = sizes[task][split]
+                if format == "aselmdb":
+                    entries = (frame for frame, _, _ in s2ef_frames(seed, split, size))
+                    write = write_aselmdb_split
+                elif task == "is2re":
+                    entries, write = is2re_entries(seed, split, size, is2re_recipe), write_split
+                else:
+                    entries, write = s2ef_entries(seed, split, size), write_split
+                bar = tqdm(entries, total=size, desc=f"{task}/{split}", unit=" entries", disable=not progress)
+                written = write(staging / task / split, list(bar))
+                paths[task][split] = out_dir / written.relative_to(staging)
     return paths
 
 
@@ -182,7 +186,8 @@ def zero_force_mae(src: str | Path) -> float:
 
 
 def write_split(folder: Path, entries: list[Data]) -> Path:
-    """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms) for ``entries``; returns the LMDB path."""
+    """``folder/data.lmdb`` and ``folder/metadata.npz`` (natoms) for ``entries``, replacing them; returns
+    the LMDB path."""
     from .lmdb_writer import write_lmdb, write_metadata
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,20 +198,22 @@ def write_split(folder: Path, entries: list[Data]) -> Path:
 
 def write_aselmdb_split(folder: Path, frames: list[Atoms]) -> Path:
     """``folder/data.aselmdb`` (an ASE database in LMDB, which fairchem 2.x's ``ase_db`` datasets read)
-    and ``folder/metadata.npz`` (natoms) for labelled ``frames``; returns the database path."""
+    and ``folder/metadata.npz`` (natoms) for labelled ``frames``, replacing them; returns the database path."""
     from ase.db import connect
 
     from .atomic import replaced_atomically
     from .lmdb_writer import write_metadata
 
     path = folder / "data.aselmdb"
-    with replaced_atomically(path) as temporary:
+    with replaced_atomically(path, overwrite=True) as temporary:
         try:
             with connect(str(temporary), type="aselmdb") as db:
                 for frame in frames:
                     db.write(frame, data=frame.info)
         except ValueError as e:  # ASE without ase-db-backends has no aselmdb type
             raise UserInputError(f"cannot write {path}: {e} (pip install ase-db-backends)") from None
+        finally:  # LMDB's lock file of the temporary database, which nothing opens again
+            Path(f"{temporary}-lock").unlink(missing_ok=True)
     write_metadata(folder, [len(frame) for frame in frames])
     return path
 

@@ -61,6 +61,8 @@ from .heads import EnergyHead, ForceHead, StressHead
 from .nn.linear import SO3Linear
 from .weight_init import init_weights
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["is_denoising", "DenoisingState", "denoising_state", "force_encoding", "DeNSBackbone", "DeNSEnergyHead", "DeNSForceHead", "DeNSStressHead"]
 
 
@@ -168,7 +170,7 @@ class DeNSBackbone(EquiformerV2Backbone):
                 fields = [f.name for f in dataclasses.fields(DenoisingConfig)]
                 raise ConfigError(f"{type(self).__name__}: denoising: {error} (fields: {fields})") from None
             if self.denoising.noise_schedule and not use_noise_schedule_sigma_encoding:
-                logging.warning("denoising.noise_schedule without use_noise_schedule_sigma_encoding: the model is not told the noise level")
+                logger.warning("denoising.noise_schedule without use_noise_schedule_sigma_encoding: the model is not told the noise level")
             seed = torch.initial_seed() if self.denoising.seed is None else self.denoising.seed
             self.register_buffer("dens_seed", torch.tensor(seed % (2**63), dtype=torch.long))
             self.register_buffer("dens_step", torch.zeros((), dtype=torch.long))

@@ -34,6 +34,8 @@ except ImportError as error:
 from . import backbone, heads
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 # The orthonormal change of basis from a rank-2 tensor's irreducible parts, (l = 0 | l = 1 | l = 2) =
 # (1 | 3 | 5) components, to its 9 Cartesian components (xx, xy, xz, yx, ...), rows in the order of
 # fairchem 1.x's ``cg_change_mat(2)``, with which its trainers assemble a decomposed stress.
@@ -120,7 +122,7 @@ class EquiformerV2Backbone(backbone.EquiformerV2Backbone, BackboneInterface):
                 for module in (self.edge_degree_embedding, *self.blocks):
                     self.compiled(module)
             else:
-                logging.info("InferenceSettings compile=True: EquiformerV2 runs eager on the CPU (faster than compiled)")
+                logger.info("InferenceSettings compile=True: EquiformerV2 runs eager on the CPU (faster than compiled)")
         return self
 
     def on_predict_check(self, data) -> None:

@@ -5,13 +5,19 @@ Which directions are periodic (:func:`periodic_directions`), per structure ``[B,
 
 * none when the backbone's ``use_pbc`` is off;
 * else the batch's ``pbc`` flags (fairchem's ``AtomsToGraphs(r_pbc=True)``, which its ASE calculator
-  uses), or all three when the batch has none (fairchem's default for LMDBs without them);
-* never in a structure without a cell (all nine entries zero: molecules in molecular LMDBs).
+  uses), or, when the batch has none (fairchem's default for LMDBs without them), all three in a
+  structure with a cell and none in a structure without (all nine entries zero: molecules in
+  molecular LMDBs);
+* never in a structure without atoms (it gets energy 0 and no edges).
 
-A structure that is periodic along a direction needs a cell vector there; the other vectors may be
-zero (ASE's default for a molecule or a slab built without vacuum). For the neighbour search such a
+A structure that is periodic along a direction needs a cell vector there (:func:`missing_vectors`:
+not zero, nor the 1 A vector ASE's ``complete_cell`` puts where a cell has none, which is what a
+molecule with ``pbc=True`` and no cell reaches the model with); the other vectors may be zero
+(ASE's default for a molecule or a slab built without vacuum). For the neighbour search such a
 singular cell is completed with unit vectors orthogonal to the periodic ones (:func:`search_cell`);
 the images searched along the periodic directions, and so the graph, are those of the real cell.
+Whether vectors are linearly dependent is judged by angles alone (:data:`DEPENDENCE_TOLERANCE`), so
+that a cell's scale does not matter.
 
 The search itself is fairchem's ``radius_graph_pbc`` (the same edges, in the same order, as fairchem's
 EquiformerV2 on every batch that fairchem's model runs), which each adapter passes in as a
@@ -44,6 +50,12 @@ RadiusSearch = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 MIN_DISTANCE = 0.01
 _PAIR_CHUNK = 1 << 22  # atom pairs compared at a time by check_no_close_pairs
 AXES = "abc"
+#: Cell vectors are linearly dependent where the sine of the angle between one and the span of the
+#: others is at or below this (scale-invariant; float32 rounding of a dependent cell gives ~1e-7).
+DEPENDENCE_TOLERANCE = 1e-6
+#: How close to a 1 A vector orthogonal to the others a cell vector must be to be taken for one that
+#: ASE's ``complete_cell`` filled in (relative length and cosines; a float32 cell holds them to ~1e-7).
+COMPLETED_TOLERANCE = 1e-6
 
 
 def _structure_cells(data, num_structures: int, dtype: torch.dtype) -> torch.Tensor:
@@ -58,28 +70,63 @@ def _structure_cells(data, num_structures: int, dtype: torch.dtype) -> torch.Ten
 
 def periodic_directions(data, use_pbc: bool, cell: torch.Tensor) -> torch.Tensor:
     """Which of the cell vectors a, b, c each structure repeats along: ``[B, 3]`` bool (see the module
-    docstring). ``cell [B, 3, 3]``."""
+    docstring). ``cell [B, 3, 3]``. Raises :class:`InputError` naming a structure that is periodic
+    along a direction it has no cell vector for (:func:`missing_vectors`)."""
     num_structures = cell.shape[0]
     periodic = torch.zeros(num_structures, 3, dtype=torch.bool, device=cell.device)
     if not use_pbc:
         return periodic
     pbc = getattr(data, "pbc", None)
-    if pbc is None:
-        periodic[:] = True
+    if pbc is None:  # fairchem's default: all three, where there is a cell
+        periodic[:] = cell.flatten(1).ne(0).any(dim=1, keepdim=True)
     elif pbc.numel() != 3 * num_structures:
         raise InputError(f"pbc has shape {tuple(pbc.shape)}; a batch of {num_structures} structures needs 3 flags each")
     else:
         periodic = pbc.reshape(num_structures, 3).to(device=cell.device, dtype=torch.bool)
-    has_cell = cell.flatten(1).ne(0).any(dim=1)
-    periodic = periodic & has_cell.unsqueeze(1)
-    zero_vector = periodic & cell.norm(dim=2).eq(0)
-    if zero_vector.any():
-        s, axis = zero_vector.nonzero()[0].tolist()
-        raise InputError(
-            f"structure {s} is periodic along cell vector {AXES[axis]} (pbc[{axis}] is True) but that vector is zero: "
-            "give the cell a length in every periodic direction, or set pbc False there"
-        )
+    periodic = periodic & data.natoms.to(cell.device).ne(0).unsqueeze(1)  # no atoms: nothing repeats
+    zero, completed = missing_vectors(cell)
+    for missing, what in ((zero, "that vector is zero"), (completed, COMPLETED_VECTOR)):
+        missing = periodic & missing
+        if missing.any():
+            s, axis = missing.nonzero()[0].tolist()
+            vector = [round(x, 6) for x in cell[s, axis].tolist()]
+            raise InputError(_no_cell_vector(s, axis, what.format(vector=vector), flagged=pbc is not None))
     return periodic
+
+
+COMPLETED_VECTOR = (
+    "that vector, {vector}, is the 1 A vector orthogonal to the others that ASE's complete_cell puts "
+    "where a cell has none (fairchem's AtomsToGraphs and AtomicData.from_ase call it), so the structure "
+    "was given no cell vector there"
+)
+
+
+def _no_cell_vector(structure: int, axis: int, what: str, flagged: bool) -> str:
+    """The refusal of a structure periodic along ``axis`` without a cell vector there; ``flagged``:
+    the batch has ``pbc`` flags (else every direction of a cell is periodic by default)."""
+    if flagged:
+        why, fix = f"pbc[{axis}] is True", "or set pbc False there (a molecule without a cell: pbc=False)"
+    else:
+        why = "the batch has no pbc flags: fairchem's default makes every direction of a cell periodic"
+        fix = "store pbc flags with the structures (AtomsToGraphs(r_pbc=True)), or set the backbone's use_pbc False"
+    return (
+        f"structure {structure} is periodic along cell vector {AXES[axis]} ({why}) but {what}: give the cell a "
+        f"length in every periodic direction, {fix}"
+    )
+
+
+def missing_vectors(cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell vectors that stand for no cell vector, ``cell [B, 3, 3]`` -> two ``[B, 3]`` bool: the zero
+    ones, and those ASE's ``complete_cell`` made (of length 1 A and orthogonal to the other two,
+    within :data:`COMPLETED_TOLERANCE`). fairchem's ``AtomsToGraphs`` and ``AtomicData.from_ase``
+    complete every cell, so a molecule with ``pbc=True`` and no cell would otherwise be a crystal with
+    a 1 A period; a real cell has no such vector (every atom would be 1 A from its own image)."""
+    cell = cell.double()
+    norms = cell.norm(dim=2)  # [B, 3]
+    cosines = (cell @ cell.transpose(1, 2)).abs() / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-300)
+    cosines = cosines * (1 - torch.eye(3, dtype=cell.dtype, device=cell.device))  # [B, 3, 3], zero diagonal
+    orthogonal = cosines.amax(dim=2) <= COMPLETED_TOLERANCE
+    return norms.eq(0), orthogonal & (norms - 1).abs().le(COMPLETED_TOLERANCE)
 
 
 def search_cell(cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
@@ -88,9 +135,10 @@ def search_cell(cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
     can be inverted; vectors of non-singular cells are kept. Raises :class:`InputError` where the
     periodic vectors themselves are linearly dependent."""
     num_structures = cell.shape[0]
-    scale = cell.norm(dim=2).amax(dim=1).clamp_min(1.0)  # [B]
-    tol = 1e-8
-    singular = torch.linalg.det(cell.double()).abs() <= tol * scale.double() ** 3
+    tol = DEPENDENCE_TOLERANCE
+    lengths = cell.double().norm(dim=2)  # [B, 3]
+    # |det| / (|a| |b| |c|): the volume of the cell of unit vectors, 0 where a vector is zero
+    singular = torch.linalg.det(cell.double()).abs() <= tol * lengths.prod(dim=1)
     basis = []  # orthonormal rows [B, 3] spanning what is fixed so far (zero rows where nothing)
 
     def residual(v: torch.Tensor) -> torch.Tensor:  # v [B, ..., 3] minus its projections on basis
@@ -102,7 +150,8 @@ def search_cell(cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
     for axis in range(3):  # the periodic vectors first
         v = residual(cell[:, axis].double() * periodic[:, axis, None])
         norm = v.norm(dim=1, keepdim=True)
-        dependent = periodic[:, axis] & (norm.squeeze(1) <= tol * scale.double())
+        # the sine of the angle between the vector and the span of the periodic ones before it
+        dependent = periodic[:, axis] & (norm.squeeze(1) <= tol * lengths[:, axis])
         if dependent.any():
             s = int(dependent.nonzero()[0])
             raise InputError(
@@ -245,14 +294,15 @@ def _search(
     pos, cell, periodic, natoms, batch, settings: GraphSettings, search: RadiusSearch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fairchem's ``radius_graph_pbc`` over groups of structures that share their periodic directions
-    (each structure alone with ``use_pbc_single``, as fairchem). Returns ``edge_index [2, E]`` in the
-    batch's atom numbering and ``cell_offsets [E, 3]``."""
-    num_structures = len(natoms)
+    (each structure alone with ``use_pbc_single``, as fairchem). Structures without atoms have no
+    edges and are left out (fairchem's search fails on a group of them). Returns ``edge_index [2, E]``
+    in the batch's atom numbering and ``cell_offsets [E, 3]``."""
+    nonempty = natoms.ne(0).nonzero().flatten()
     if settings.use_pbc_single:
-        groups = [torch.tensor([s], device=pos.device) for s in range(num_structures)]
+        groups = list(nonempty.view(-1, 1))
     else:
-        patterns, group_of = torch.unique(periodic, dim=0, return_inverse=True)
-        groups = [(group_of == g).nonzero().flatten() for g in range(len(patterns))]
+        patterns, group_of = torch.unique(periodic[nonempty], dim=0, return_inverse=True)
+        groups = [nonempty[group_of == g] for g in range(len(patterns))]
     edges, offsets = [], []
     for structures in groups:
         atoms = torch.isin(batch, structures).nonzero().flatten()

@@ -48,11 +48,12 @@ class EnergyHead(nn.Module):
     def forward(self, data, emb: dict) -> dict:
         node_energy = self.energy_block(emb["node_embedding"])[:, 0, 0]  # [N]
         num_structures = len(data.natoms)
+        natoms = data.natoms.clamp_min(1)  # a structure without atoms: energy 0 (fairchem's mean: 0 / 0)
         energy = sum_per_structure(node_energy, data.batch, num_structures)
-        energy = energy / self.avg_num_nodes if self.reduce == "sum" else energy / data.natoms
+        energy = energy / self.avg_num_nodes if self.reduce == "sum" else energy / natoms
         if "energy_lin_ref" in emb:  # [num_elements], a backbone parameter as in fairchem's checkpoints
             reference = sum_per_structure(emb["energy_lin_ref"][data.atomic_numbers.long()], data.batch, num_structures)
-            energy = energy + (reference if self.reduce == "sum" else reference / data.natoms)
+            energy = energy + (reference if self.reduce == "sum" else reference / natoms)
         return {self.output_name: energy}  # [B]
 
     def extra_repr(self) -> str:

@@ -39,7 +39,9 @@ DEFAULT_MAP_SIZE = 1 << 32
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def write_lmdb(path: str | os.PathLike, entries: Iterable[Data], map_size: int = DEFAULT_MAP_SIZE) -> int:
+def write_lmdb(
+    path: str | os.PathLike, entries: Iterable[Data], map_size: int = DEFAULT_MAP_SIZE, *, overwrite: bool = True
+) -> int:
     """Write ``entries`` to the LMDB file ``path``, replacing it atomically.
 
     The file is written beside ``path`` and renamed once complete (:func:`.replaced_atomically`), so
@@ -49,11 +51,13 @@ def write_lmdb(path: str | os.PathLike, entries: Iterable[Data], map_size: int =
         path: the ``.lmdb`` file to write; its folder must exist.
         entries: ``Data`` objects, stored under keys ``"0"``, ``"1"``, ...
         map_size: the LMDB map size in bytes (an upper bound on the file size).
+        overwrite: replace an existing ``path``; without it an existing one is refused (a
+            :class:`.UserInputError`) and kept, also one that appeared while this was writing.
 
     Returns:
         the number of entries written.
     """
-    with replaced_atomically(Path(path)) as temporary:
+    with replaced_atomically(Path(path), overwrite=overwrite) as temporary:
         try:
             env = lmdb.open(str(temporary), map_size=map_size, subdir=False, lock=False, meminit=True, sync=True)
             try:
@@ -88,11 +92,11 @@ class _TensorAsNumpyPickler(pickle.Pickler):
         return NotImplemented
 
 
-def write_metadata(folder: str | os.PathLike, natoms: Iterable[int]) -> Path:
+def write_metadata(folder: str | os.PathLike, natoms: Iterable[int], *, overwrite: bool = True) -> Path:
     """Write ``folder/metadata.npz`` with ``natoms``: int32 array, shape ``[num_entries]``.
 
     Same content as ``np.savez``, but with fixed zip timestamps so that equal inputs give
-    byte-identical files.
+    byte-identical files. ``overwrite`` as in :func:`write_lmdb`.
     """
     arrays = {"natoms": np.asarray(list(natoms), dtype=np.int32)}
     buffer = io.BytesIO()
@@ -101,4 +105,4 @@ def write_metadata(folder: str | os.PathLike, natoms: Iterable[int]) -> Path:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
-    return write_bytes_atomically(Path(folder) / "metadata.npz", buffer.getvalue())
+    return write_bytes_atomically(Path(folder) / "metadata.npz", buffer.getvalue(), overwrite=overwrite)

@@ -37,19 +37,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
-import math
 import os
+import pickle
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .arguments import Rule, boolean, check_arguments, check_block, integer, one_of, optional, real
 from .errors import ConfigError, UserInputError
 from .fairchem1 import EquiformerV2Backbone, ForceHead
 
 __all__ = [
-    "NoisyNodesConfig", "LinearCoefficientSchedule", "Corruption", "draw_corruption", "relaxed_displacement",
-    "corrupt_positions", "denoising_target", "noisy_nodes_generator", "free_displacements", "displacement_std",
+    "NoisyNodesConfig", "CONFIG_RULES", "LinearCoefficientSchedule", "Corruption", "draw_corruption",
+    "relaxed_displacement", "corrupt_positions", "denoising_target", "noisy_nodes_generator", "lmdb_dataset",
+    "free_displacements", "displacement_std",
     "corrupted_target_norm", "mean_corrupted_target_norm",
     "NoisyNodesBackbone", "NoisyNodesHead",
 ]
@@ -59,6 +62,21 @@ __all__ = [
 #: coefficient) so that fairchem's loss function gives the loss named: fairchem's ``mae`` averages
 #: over the N x 3 components, the reference's L1 sums over x, y, z and averages over atoms.
 LOSS_SCALE: dict[str, float] = {"l1": 3.0, "l2mae": 1.0}
+
+#: The rule of each field of :class:`NoisyNodesConfig` (the backbone's rules, :mod:`.arguments`):
+#: booleans are YAML's true/false (``"no"`` is a true string), numbers finite, whole numbers integers.
+CONFIG_RULES: dict[str, Rule] = {
+    "probability": real(0, maximum=1),
+    "interpolate": boolean,
+    "noise_std": real(0),
+    "pos_std": real(0, above=True),
+    "coefficient_start": real(0),
+    "coefficient_end": real(0),
+    "decay_steps": integer(0),
+    "corrupt_fixed": boolean,
+    "loss": one_of(*LOSS_SCALE),
+    "seed": optional(integer(0)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +95,8 @@ class NoisyNodesConfig:
         mean over components, and the model multiplies by 3 in training) or ``"l2mae"`` (the L2
         norm per atom; pair with ``fn: l2mae``).
     seed: the random stream's seed; ``None`` = ``torch.initial_seed()`` when the model is built.
+
+    Each field is checked with :data:`CONFIG_RULES` (:class:`ConfigError` names the field and value).
     """
 
     probability: float = 0.5
@@ -91,21 +111,13 @@ class NoisyNodesConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        def check(ok, message):
-            if not ok:
-                raise ConfigError(f"noisy_nodes: {message}")
+        check_block(dataclasses.asdict(self), CONFIG_RULES, "noisy_nodes")
 
-        check(0.0 <= self.probability <= 1.0, f"probability={self.probability} must be in [0, 1]")
-        check(self.noise_std >= 0.0, f"noise_std={self.noise_std} must be >= 0")
-        check(self.pos_std > 0.0, f"pos_std={self.pos_std} must be > 0")
-        check(
-            math.isfinite(self.coefficient_start) and math.isfinite(self.coefficient_end),
-            "coefficient_start and coefficient_end must be finite",
-        )
-        check(self.coefficient_start >= 0 and self.coefficient_end >= 0, "coefficients must be >= 0")
-        check(int(self.decay_steps) == self.decay_steps and self.decay_steps >= 0, f"decay_steps={self.decay_steps} must be an integer >= 0")
-        check(self.loss in LOSS_SCALE, f"loss={self.loss!r} must be one of {', '.join(LOSS_SCALE)}")
-        check(self.seed is None or int(self.seed) >= 0, f"seed={self.seed} must be >= 0 or null")
+    @classmethod
+    def from_config(cls, values) -> NoisyNodesConfig:
+        """The config of the ``noisy_nodes`` block ``values`` (a mapping; ``None`` = the defaults);
+        :class:`ConfigError` names a bad or unknown field and its value (``noisy_nodes.<field>=...``)."""
+        return cls(**check_block(values, CONFIG_RULES, "noisy_nodes"))
 
 
 class LinearCoefficientSchedule:
@@ -226,17 +238,44 @@ def denoising_target(
     return (corrupted - pos) / noise_std
 
 
-def free_displacements(src: str | os.PathLike) -> torch.Tensor:
-    """``[M, 3]`` float64: the relaxed displacement (``pos_relaxed - pos``, nearest periodic image) of
-    every free atom (``fixed == 0``) of a fairchem IS2RE LMDB (folder or file) ``src``."""
+def lmdb_dataset(src: str | os.PathLike):
+    """fairchem's ``LmdbDataset`` of ``src`` (an LMDB file or a folder of ``*.lmdb`` files), after
+    checking that it opens and has entries: :class:`UserInputError` names the path of a folder without
+    ``*.lmdb``, a file that is not an LMDB, or an empty LMDB (fairchem raises a bare ``AssertionError``
+    or ``lmdb.Error``, or later fails on no data). A missing ``src`` is a ``FileNotFoundError``."""
+    import lmdb
     from fairchem.core.datasets import LmdbDataset
 
-    if not os.path.exists(src):
+    path = Path(src)
+    if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", str(src))
+    files = sorted(path.glob("*.lmdb")) if path.is_dir() else [path]
+    if not files:
+        raise UserInputError(f"{src}: no LMDB here (a folder without *.lmdb files)")
+    for file in files:
+        try:
+            lmdb.open(str(file), subdir=False, readonly=True, lock=False).close()
+        except lmdb.Error as error:
+            reason = str(error).removeprefix(f"{file}: ")
+            raise UserInputError(f"{file}: not a readable LMDB file ({reason})") from None
     dataset = LmdbDataset({"src": str(src)})
+    if len(dataset) == 0:
+        raise UserInputError(f"{src}: the LMDB has no entries")
+    return dataset
+
+
+def free_displacements(src: str | os.PathLike) -> torch.Tensor:
+    """``[M, 3]`` float64: the relaxed displacement (``pos_relaxed - pos``, nearest periodic image) of
+    every free atom (``fixed == 0``) of a fairchem IS2RE LMDB (folder or file) ``src``; see
+    :func:`lmdb_dataset` for the checks. :class:`UserInputError` also names an entry that is not a
+    pickled data object or has no ``pos_relaxed``, and data without free atoms."""
+    dataset = lmdb_dataset(src)
     parts = []
     for i in range(len(dataset)):
-        data = dataset[i]
+        try:
+            data = dataset[i]
+        except pickle.UnpicklingError as error:
+            raise UserInputError(f"{src}: entry {i} is not a pickled fairchem data object ({error})") from None
         if "pos_relaxed" not in data:
             raise UserInputError(f"{src}: entry {i} (sid {data.get('sid', '?')}) has no pos_relaxed: not IS2RE data")
         cell = data.cell if "cell" in data else None
@@ -244,7 +283,10 @@ def free_displacements(src: str | os.PathLike) -> torch.Tensor:
                                      torch.zeros(data.pos.shape[0], dtype=torch.long) if cell is not None else None)
         free = data.fixed == 0 if "fixed" in data else torch.ones(delta.shape[0], dtype=torch.bool)
         parts.append(delta[free])
-    return torch.cat(parts)
+    displacement = torch.cat(parts)
+    if displacement.shape[0] == 0:
+        raise UserInputError(f"{src}: no free atoms (every atom has fixed == 1): nothing to measure")
+    return displacement
 
 
 def displacement_std(src: str | os.PathLike) -> float:
@@ -268,7 +310,10 @@ def mean_corrupted_target_norm(displacement: torch.Tensor, noise_std: float = 0.
     For a free atom with relaxed displacement ``d`` the corrupted input is ``pos + t d + noise`` (as
     :func:`corrupt_positions`), so the un-normalised target is ``(1 - t) d - noise``; its mean norm is
     estimated over ``draws`` draws of ``t ~ U[0, 1]`` (``t = 0`` without ``interpolate``) and
-    ``noise ~ N(0, noise_std^2)`` per atom, from a generator seeded with ``seed``."""
+    ``noise ~ N(0, noise_std^2)`` per atom, from a generator seeded with ``seed``. :class:`ConfigError`
+    names a ``noise_std`` that breaks the config's rule (a finite number >= 0) or ``draws`` < 1."""
+    check_arguments({"noise_std": noise_std, "draws": draws},
+                    {"noise_std": CONFIG_RULES["noise_std"], "draws": integer(1)}, "mean_corrupted_target_norm")
     displacement = displacement.double().repeat(draws, 1)  # [draws * M, 3]
     generator = torch.Generator().manual_seed(seed)
     t = torch.rand(displacement.shape[0], 1, generator=generator, dtype=torch.float64)
@@ -290,8 +335,9 @@ class NoisyNodesBackbone(EquiformerV2Backbone):
     """
 
     def __init__(self, *args, noisy_nodes: dict | None = None, **kwargs):
+        config = NoisyNodesConfig.from_config(noisy_nodes)  # before the model is built: a bad field fails fast
         super().__init__(*args, **kwargs)
-        self.noisy_nodes = NoisyNodesConfig(**(noisy_nodes or {}))
+        self.noisy_nodes = config
         cfg = self.noisy_nodes
         self.coefficient_schedule = LinearCoefficientSchedule(cfg.coefficient_start, cfg.coefficient_end, cfg.decay_steps)
         seed = torch.initial_seed() if cfg.seed is None else int(cfg.seed)

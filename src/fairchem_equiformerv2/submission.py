@@ -117,7 +117,9 @@ def make_submission(
     for split_predictions in predictions:
         validate_split(split_predictions, dataset)
     validate_across_splits(predictions)
-    return write_npz_atomically(out_path, submission_arrays(predictions))
+    return write_npz_atomically(
+        out_path, submission_arrays(predictions), overwrite=overwrite, what="--out-path", error=SubmissionError
+    )
 
 
 def load_prediction_file(split: str, path: Path) -> SplitPredictions:
@@ -224,11 +226,12 @@ def submission_arrays(predictions: list[SplitPredictions]) -> dict[str, np.ndarr
     }
 
 
-def write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    """``np.savez_compressed(path, **arrays)``, all or nothing (see :func:`.replaced_atomically`)."""
+def write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray], **options) -> Path:
+    """``np.savez_compressed(path, **arrays)``, all or nothing (see :func:`.replaced_atomically`);
+    ``options`` (``overwrite``, ``what``, ``error``) as for :func:`.write_bytes_atomically`."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    return write_bytes_atomically(path, buffer.getvalue())
+    return write_bytes_atomically(path, buffer.getvalue(), **options)
 
 
 def _required_splits(split_paths: Mapping[str, object], dataset: str) -> tuple[str, ...]:

@@ -32,6 +32,8 @@ from torch import nn
 
 from .plain_autograd import is_plain
 
+logger = logging.getLogger(__name__)
+
 CPU_MATMUL_ENV = "EQUIFORMERV2_CPU_MATMUL"
 CPU_MATMULS = ("auto", "onednn", "torch")
 ONEDNN_MARGIN = 0.05  # oneDNN is chosen only when its median time is at least 5% below torch's
@@ -112,7 +114,7 @@ def matmul_route() -> MatmulRoute:
             _ROUTE = MatmulRoute(REQUESTED_ROUTE, f"{CPU_MATMUL_ENV}={REQUESTED_ROUTE}")
         else:
             _ROUTE = _measure_route()
-        logging.info("CPU float32 matmul route: %s", _ROUTE)
+        logger.info("CPU float32 matmul route: %s", _ROUTE)
     return _ROUTE
 
 
