@@ -79,7 +79,7 @@ def checkpoint_model(path: str, trust: bool = False):
     tensors (see ``checkpoints.read_checkpoint``). -> (model, a line that says which)."""
     from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
-    from fairchem_equiformerv2.checkpoints import build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix
+    from fairchem_equiformerv2.tools.checkpoints import build_model, convert_checkpoint_dict, read_checkpoint, strip_prefix
 
     checkpoint = convert_checkpoint_dict(read_checkpoint(path, trust=trust))
     model = build_model(checkpoint["config"]["model"])
@@ -123,14 +123,14 @@ def _in_float32(forward):
 @contextlib.contextmanager
 def stage_in_float32(model, stage: str):
     """Inside: ``model``'s backbone computes the :data:`STAGES` entry ``stage`` in float32 (the rotations:
-    the edge-frame ``bmm``s of ``nn/scatter.py``, which take autocast's dtype from ``matmul_dtype``: given
+    the edge-frame ``bmm``s of ``nn/ops/scatter.py``, which take autocast's dtype from ``matmul_dtype``: given
     its sums' dtype instead)."""
     from fairchem_equiformerv2.nn.attention import GraphAttention
     from fairchem_equiformerv2.nn.precision import accumulation_dtype
 
     with contextlib.ExitStack() as patches:
         if not STAGES[stage]:
-            patches.enter_context(mock.patch("fairchem_equiformerv2.nn.scatter.matmul_dtype", accumulation_dtype))
+            patches.enter_context(mock.patch("fairchem_equiformerv2.nn.ops.scatter.matmul_dtype", accumulation_dtype))
         for attention in (m for m in model.backbone.modules() if isinstance(m, GraphAttention)):
             for name in STAGES[stage]:
                 module = attention.get_submodule(name)
@@ -158,7 +158,7 @@ def main(argv=None):
 
     batch = demo_batch(args.atoms, args.structures, args.device)
     if args.checkpoint:
-        from fairchem_equiformerv2.checkpoints import CheckpointError
+        from fairchem_equiformerv2.tools.checkpoints import CheckpointError
 
         try:
             ours, weights = checkpoint_model(args.checkpoint, trust=args.trust)

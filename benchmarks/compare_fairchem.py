@@ -84,7 +84,7 @@ def build(impl: str, shape: str, seed: int = 0, **overrides):
 
 
 def same_weights(fairchem_model, ours):
-    from fairchem_equiformerv2.checkpoints import load_fairchem_weights
+    from fairchem_equiformerv2.tools.checkpoints import load_fairchem_weights
 
     load_fairchem_weights(ours, fairchem_model.state_dict())
 
@@ -147,9 +147,9 @@ def _measure(impl, shape, num_atoms, count, mode, repeats, threads, device, queu
 
     torch.set_num_threads(threads)
     if impl == "fairchem" and os.environ.get(FAIRCHEM_KEEPS_FREED_MEMORY) == "1":
-        from fairchem_equiformerv2.cpu_memory import keep_freed_memory
+        from fairchem_equiformerv2.runtime import glibc_keeps_freed_memory
 
-        keep_freed_memory()  # what ours does by itself on the CPU
+        glibc_keeps_freed_memory()  # the malloc setting ours makes (runtime.configure) when built
     batch = demo_batch(num_atoms, count, device)
     model = build(impl, shape).to(device)
     model.train(mode == "train")
@@ -170,7 +170,7 @@ def step_flops(model, batch, mode) -> float:
     newer torch's counter fails under no_grad."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fairchem_equiformerv2.nn.dense import FLOP_FORMULAS
+    from fairchem_equiformerv2.nn.ops.dense import FLOP_FORMULAS
 
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter:
@@ -184,17 +184,17 @@ def step_flops(model, batch, mode) -> float:
 def _matmul_rates(threads, device, queue):
     """The machine's dense float32 matmul rates (GFLOP/s): best of 5 square GEMMs (2048 on CPU, 8192 on
     GPU), ``{"torch": torch's a @ b}``, on the CPU also ``"onednn"``: the products ours runs
-    (``nn/dense.py``; on AMD CPUs torch's MKL runs AVX2 code, oneDNN AVX-512)."""
+    (``nn/ops/dense.py``; on AMD CPUs torch's MKL runs AVX2 code, oneDNN AVX-512)."""
     import torch
 
-    from fairchem_equiformerv2.nn import dense
+    from fairchem_equiformerv2.nn.ops import dense
 
     torch.set_num_threads(threads)
     n = 8192 if device.startswith("cuda") else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     gemms = {"torch": lambda: a @ b}
-    if not device.startswith("cuda") and dense.ONEDNN_AVAILABLE:
-        gemms["onednn"] = lambda: dense._onednn_linear(a, b.T, None)
+    if not device.startswith("cuda") and dense.onednn_available():
+        gemms["onednn"] = lambda: dense.onednn_linear(a, b.T, None)
     rates = {}
     for name, product in gemms.items():
         product()
@@ -204,7 +204,9 @@ def _matmul_rates(threads, device, queue):
             synchronize(device)
 
         rates[name] = 2 * n**3 / min(_timed(gemm) for _ in range(5)) / 1e9
-    route = None if device.startswith("cuda") else dense.matmul_route()
+    from fairchem_equiformerv2 import runtime
+
+    route = None if device.startswith("cuda") else runtime.configure().matmul
     queue.put((rates, route and (route.route, str(route))))
 
 
@@ -313,7 +315,7 @@ def main(argv=None):
     parser.add_argument("--plot", default="", help="PNG of step time against system size (with --sweep)")
     parser.add_argument("--json", default="", help="write the results here too")
     parser.add_argument("--fairchem-keeps-freed-memory", action="store_true",
-                        help="give fairchem's model the glibc malloc setting ours applies on the CPU (cpu_memory.py)")
+                        help="give fairchem's model the glibc malloc setting ours makes (runtime.py)")
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     if args.fairchem_keeps_freed_memory:
@@ -328,7 +330,7 @@ def main(argv=None):
     rates, route = _in_subprocess(_matmul_rates, args.threads, dev)
     rate = max(rates.values())  # the limit: the fastest dense GEMM this machine has
     if route is not None:  # every measurement process takes the route chosen here
-        from fairchem_equiformerv2.nn.dense import CPU_MATMUL_ENV
+        from fairchem_equiformerv2.runtime import CPU_MATMUL_ENV
 
         os.environ[CPU_MATMUL_ENV] = route[0]
         print(f"our CPU float32 matmul route: {route[1]}", flush=True)

@@ -7,7 +7,7 @@ For each seed, with fairchem's own CLI and its unmodified ``equiformerv2_forces`
   model, optimizer and epochs, from scratch;
 * ``fine-tuned``: the eSEN recipe (Fu et al. 2025): the ``direct`` run's best checkpoint made
   conservative (its backbone and energy network kept, the force head dropped:
-  ``fairchem_equiformerv2.conservative_checkpoint.to_conservative_checkpoint``), then trained ``--finetune-epochs`` more epochs with
+  ``fairchem_equiformerv2.tools.conservative_checkpoint.to_conservative_checkpoint``), then trained ``--finetune-epochs`` more epochs with
   configs/demo/s2ef_conservative.yml's data, loss and optimizer (fairchem's ``finetune_config``).
 
 Prints the validation force MAE and cosine (the best epoch by force MAE, which fairchem keeps as
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+from fairchem_equiformerv2.tools.conservative_checkpoint import to_conservative_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECT = ROOT / "configs" / "demo" / "s2ef.yml"

@@ -27,7 +27,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
 import fairchem_equiformerv2
-from fairchem_equiformerv2.demo_structures import random_system
+from fairchem_equiformerv2.tools.demo_structures import random_system
 
 ROOT = Path(__file__).resolve().parents[1]
 

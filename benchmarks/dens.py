@@ -44,7 +44,7 @@ def val_curves(log: str) -> dict[float, dict[str, float]]:
 
 
 def make_data(out: Path, n_train: int, n_val: int, seed: int) -> Path:
-    from fairchem_equiformerv2.demo_data import make_demo_data
+    from fairchem_equiformerv2.tools.demo_data import make_demo_data
 
     marker = out / f"done_{n_train}_{n_val}_{seed}"
     if not marker.exists():

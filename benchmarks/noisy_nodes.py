@@ -87,7 +87,7 @@ def val_lines(log: str) -> list[dict[str, float]]:
 
 
 def make_data(out: Path, args) -> Path:
-    from fairchem_equiformerv2.demo_data import make_demo_data
+    from fairchem_equiformerv2.tools.demo_data import make_demo_data
 
     marker = out / f"done_{args.recipe}_{args.n_train}_{args.n_val}_{args.data_seed}"
     if not marker.exists():
@@ -101,7 +101,8 @@ def make_data(out: Path, args) -> Path:
 def data_statistics(data: Path, noise_std: float) -> dict[str, float]:
     from fairchem.core.datasets import LmdbDataset
 
-    from fairchem_equiformerv2.noisy_nodes import free_displacements, mean_corrupted_target_norm
+    from fairchem_equiformerv2.model.denoising.noisy_nodes import mean_corrupted_target_norm
+    from fairchem_equiformerv2.tools.noisy_nodes_scale import free_displacements
 
     dataset = LmdbDataset({"src": str(data / "train")})
     energies = [float(dataset[i].y_relaxed) for i in range(len(dataset))]

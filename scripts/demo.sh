@@ -56,7 +56,7 @@ echo "==> [5/5] validation metrics of $CKPT   (log: $OUT/validate.log)"
     --checkpoint "$CKPT" "${data_args[@]}" > "$OUT/validate.log" 2>&1 || { tail -n 30 "$OUT/validate.log"; exit 1; }
 "$BIN/python" - "$OUT/validate.log" "$DATA/s2ef/val/data.lmdb" <<'PY'
 import re, sys
-from fairchem_equiformerv2.demo_data import zero_force_mae
+from fairchem_equiformerv2.tools.demo_data import zero_force_mae
 
 log, val_lmdb = sys.argv[1], sys.argv[2]
 lines = [l for l in open(log) if "forces_mae:" in l]

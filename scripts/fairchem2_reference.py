@@ -118,7 +118,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from test_checkpoints import save_fairchem_hydra
 
-    from fairchem_equiformerv2.checkpoints import convert_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import convert_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

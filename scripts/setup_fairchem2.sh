@@ -58,7 +58,7 @@ pip_install -q -c "$constraints" -e ".[fairchem2]"
 from importlib.metadata import version
 import fairchem.core, torch, numpy, ase
 import fairchem_equiformerv2
-assert fairchem_equiformerv2.EquiformerV2Backbone.__module__ == "fairchem_equiformerv2.fairchem2"
+assert fairchem_equiformerv2.EquiformerV2Backbone.__module__ == "fairchem_equiformerv2.adapters.fairchem2"
 print(f"fairchem 2.x environment ready: torch {torch.__version__}, "
       f"fairchem-core {fairchem.core.__version__}, numpy {numpy.__version__}, ase {ase.__version__}, "
       f"fairchem-equiformerv2 {version('fairchem-equiformerv2')}")

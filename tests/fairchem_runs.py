@@ -31,7 +31,7 @@ def fairchem_cmd() -> list[str]:
 
 def eqv2_cmd() -> list[str]:
     exe = BIN / "fairchem-eqv2"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fairchem_equiformerv2.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fairchem_equiformerv2.tools.cli"]
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
@@ -96,7 +96,7 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from fairchem_equiformerv2.demo_data import make_demo_data
+    from fairchem_equiformerv2.tools.demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo_data")
     make_demo_data(

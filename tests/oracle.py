@@ -8,7 +8,7 @@ import torch
 from fairchem.core.common.utils import setup_imports
 from fairchem.core.models.base import HydraModel
 
-from fairchem_equiformerv2.checkpoints import load_fairchem_weights
+from fairchem_equiformerv2.tools.checkpoints import load_fairchem_weights
 from fairchem_equiformerv2.so3.frames import edge_frames
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -25,7 +25,7 @@ def _plugin_checkpoint(path, ema: bool) -> tuple[torch.nn.Module, list]:
     its trainable weights that differs from them. -> (the model, the shadow weights or None)."""
     from oracle import OUR_HEADS, SMALL
 
-    from fairchem_equiformerv2.checkpoints import build_model, trainable_parameter_names
+    from fairchem_equiformerv2.tools.checkpoints import build_model, trainable_parameter_names
 
     config = {"model": {
         "name": "hydra", "otf_graph": True, "pass_through_head_outputs": True,
@@ -46,7 +46,7 @@ def _plugin_checkpoint(path, ema: bool) -> tuple[torch.nn.Module, list]:
 def test_bf16_error_reads_a_checkpoints_weights(tmp_path, ema):
     from bf16_error import checkpoint_model
 
-    from fairchem_equiformerv2.checkpoints import trainable_parameter_names
+    from fairchem_equiformerv2.tools.checkpoints import trainable_parameter_names
 
     saved, shadow = _plugin_checkpoint(tmp_path / "checkpoint.pt", ema)
     model, label = checkpoint_model(str(tmp_path / "checkpoint.pt"))

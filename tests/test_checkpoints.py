@@ -29,7 +29,7 @@ from fairchem_runs import relaxation_config
 from oracle import FAIRCHEM_HEADS, SMALL
 from structures import default_structures, slab_with_adsorbate
 
-from fairchem_equiformerv2.checkpoints import (
+from fairchem_equiformerv2.tools.checkpoints import (
     CheckpointError,
     build_model,
     calculator,
@@ -364,7 +364,7 @@ def test_fairchem_run_relaxations_with_a_plugin_checkpoint(plugin_checkpoint, tm
     import numpy as np
     import yaml
 
-    from fairchem_equiformerv2.demo_data import make_demo_data
+    from fairchem_equiformerv2.tools.demo_data import make_demo_data
 
     paths = make_demo_data(tmp_path / "data", seed=0, s2ef_sizes={"train": 1, "val": 1, "test": 1},
                            is2re_sizes={"train": 1, "val": 3, "test": 1}, progress=False)
@@ -397,7 +397,7 @@ def fairchem_hydra(tmp_path_factory):
 def convert_on_the_command_line(checkpoint: dict, tmp_path, capsys, *args) -> tuple[Path, str]:
     """``fairchem-eqv2 convert-checkpoint`` of ``checkpoint`` (saved to a file); asserts it is refused
     with one line (exit status 2) naming the file and writes nothing. Returns (the file, the line)."""
-    from fairchem_equiformerv2.cli import main
+    from fairchem_equiformerv2.tools.cli import main
 
     src, dst = tmp_path / "damaged.pt", tmp_path / "out.pt"
     torch.save(checkpoint, src)

@@ -14,10 +14,10 @@ from fairchem_runs import eqv2_cmd
 from test_checkpoints import save_fairchem_hydra
 from test_submission import OC20, _s2ef_predictions, _write_splits
 
-from fairchem_equiformerv2 import submission
-from fairchem_equiformerv2.atomic import replaced_atomically
-from fairchem_equiformerv2.checkpoints import convert_checkpoint
-from fairchem_equiformerv2.cli import main
+from fairchem_equiformerv2.tools import submission
+from fairchem_equiformerv2.tools.safe_write import replaced_atomically
+from fairchem_equiformerv2.tools.checkpoints import convert_checkpoint
+from fairchem_equiformerv2.tools.cli import main
 from fairchem_equiformerv2.errors import UserInputError
 
 

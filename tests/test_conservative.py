@@ -25,7 +25,7 @@ from e3nn import o3
 from fairchem.core.models.base import HydraModel
 from structures import default_structures, moved, rotated, to_batch
 
-from fairchem_equiformerv2.conservative import ConservativeHead
+from fairchem_equiformerv2.model.conservative import ConservativeHead
 from fairchem_equiformerv2.errors import ConfigError, InputError
 from fairchem_equiformerv2.so3.frames import _H0, _H1, edge_frames
 from fairchem_equiformerv2.so3.smooth_wigner import smooth_wigner_d
@@ -387,8 +387,8 @@ def test_direct_checkpoint_becomes_conservative(tmp_path):
     with the same backbone and energy network (the same energy), the conservative config's normalisers."""
     from fairchem.core.common.utils import load_model_and_weights_from_checkpoint
 
-    from fairchem_equiformerv2.checkpoints import CheckpointError
-    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import CheckpointError
+    from fairchem_equiformerv2.tools.conservative_checkpoint import to_conservative_checkpoint
 
     direct, source, config = _direct_checkpoint(tmp_path)
     destination = to_conservative_checkpoint(source, tmp_path / "conservative.pt", config)
@@ -416,8 +416,8 @@ class _RunsCode:
 
 
 def test_conservative_checkpoint_does_not_unpickle_code(tmp_path):
-    from fairchem_equiformerv2.checkpoints import CheckpointError
-    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import CheckpointError
+    from fairchem_equiformerv2.tools.conservative_checkpoint import to_conservative_checkpoint
 
     marker = tmp_path / "code_ran"
     _, source, config = _direct_checkpoint(tmp_path, val_metrics=_RunsCode(marker))
@@ -458,8 +458,8 @@ def _fairchem_layout(source: Path, config: dict) -> str:
 
 @pytest.mark.parametrize("damage", [_nan_weight, _nan_element_reference, _nan_normaliser, _fairchem_layout])
 def test_conservative_checkpoint_refusals_name_the_field_and_write_nothing(tmp_path, damage):
-    from fairchem_equiformerv2.checkpoints import CheckpointError
-    from fairchem_equiformerv2.conservative_checkpoint import to_conservative_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import CheckpointError
+    from fairchem_equiformerv2.tools.conservative_checkpoint import to_conservative_checkpoint
 
     _, source, config = _direct_checkpoint(tmp_path)
     message = damage(source, config)

@@ -57,7 +57,7 @@ def test_conservative_train_predict_relax(demo_data, tmp_path):
     import fairchem_equiformerv2
     from ase.optimize import BFGS
 
-    from fairchem_equiformerv2.demo_structures import random_system
+    from fairchem_equiformerv2.tools.demo_structures import random_system
 
     atoms = random_system(np.random.default_rng(1))
     atoms.calc = fairchem_equiformerv2.calculator(checkpoint, seed=0)

@@ -16,8 +16,8 @@ from fairchem.core.common.data_parallel import BalancedBatchSampler, data_list_c
 from fairchem.core.datasets import LmdbDataset
 from fairchem_runs import eqv2_cmd
 
-from fairchem_equiformerv2 import demo_data
-from fairchem_equiformerv2.demo_data import SID_STRIDE, SPLITS, TASKS, is2re_entries, make_demo_data, s2ef_entries
+from fairchem_equiformerv2.tools import demo_data
+from fairchem_equiformerv2.tools.demo_data import SID_STRIDE, SPLITS, TASKS, is2re_entries, make_demo_data, s2ef_entries
 from fairchem_equiformerv2.errors import UserInputError
 
 S2EF_SIZES = {"train": 10, "val": 3, "test": 3}
@@ -190,8 +190,8 @@ def test_oc20_recipe_starts_high_anywhere_and_relaxes_further():
     """The ``oc20`` IS2RE recipe: the adsorbate's binding atom starts 2.5-3.5 Å above the top layer at
     any lateral position, and the relaxation goes on to fmax 0.05 eV/Å, so atoms move further than in
     the ``demo`` recipe."""
-    from fairchem_equiformerv2.demo_data import IS2RE_RECIPES
-    from fairchem_equiformerv2.demo_structures import TAG_ADSORBATE, TAG_SURFACE
+    from fairchem_equiformerv2.tools.demo_data import IS2RE_RECIPES
+    from fairchem_equiformerv2.tools.demo_structures import TAG_ADSORBATE, TAG_SURFACE
 
     moved = {}
     for recipe in ("demo", "oc20"):

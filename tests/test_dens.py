@@ -9,7 +9,7 @@ from fairchem_runs import demo_data  # noqa: F401  (fixture)
 from oracle import SMALL, build_pair, max_relative_difference
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2.dens import force_encoding
+from fairchem_equiformerv2.model.denoising.dens import force_encoding
 from fairchem_equiformerv2.errors import ConfigError
 
 TOLERANCE = 1e-5  # relative, float32, as tests/test_parity.py
@@ -173,7 +173,7 @@ def test_denoising_forward_without_forces_is_refused(batch):
 def test_dens_checkpoint_converts_and_gives_fairchems_numbers(tmp_path, batch):
     """A fairchem DeNS hydra checkpoint (OMat24 layout: energy, forces, decomposed stress; EMA) ->
     convert-checkpoint -> our classes, the same numbers on a plain and on a denoising forward."""
-    from fairchem_equiformerv2.checkpoints import convert_checkpoint, read_checkpoint, trainable_parameter_names
+    from fairchem_equiformerv2.tools.checkpoints import convert_checkpoint, read_checkpoint, trainable_parameter_names
 
     theirs, _ = build_dens_pair(OMAT24, OMAT24_HEADS)
     heads = {h: {"module": FAIRCHEM_DENS_HEADS[h], **a} for h, a in OMAT24_HEADS.items()}
@@ -195,7 +195,7 @@ def test_dens_checkpoint_converts_and_gives_fairchems_numbers(tmp_path, batch):
     assert model_config["backbone"]["model"] == "fairchem_equiformerv2.DeNSBackbone"
     assert {h["module"] for h in model_config["heads"].values()} == set(OUR_DENS_HEADS.values())
 
-    from fairchem_equiformerv2.checkpoints import build_model
+    from fairchem_equiformerv2.tools.checkpoints import build_model
 
     ours = build_model(model_config)
     ours.load_state_dict({k[len("module."):]: v for k, v in converted["state_dict"].items()})
@@ -244,7 +244,7 @@ def test_fairchem_dens_trainer_drives_our_classes(demo_data, tmp_path):
 def test_converted_dens_checkpoint_in_ocp_calculator(tmp_path):
     """A converted fairchem DeNS checkpoint (trainer equiformerv2_dens, as fairchem saves them) loads in
     fairchem's OCPCalculator through ``calculator`` and gives fairchem's model's energy and forces."""
-    from fairchem_equiformerv2.checkpoints import calculator, convert_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import calculator, convert_checkpoint
 
     theirs, _ = build_dens_pair(OMAT24, {"energy": {}, "forces": {}})
     config = {
@@ -279,7 +279,7 @@ def test_omat24_release_layout_converts(tmp_path, batch):
     blocks named ``energy_block`` / ``force_block``, and ``use_denoising_energy`` / ``use_denoising_stress``
     on the backbone. Emulated from 1.10's classes (same computation, renamed blocks): the converted model
     gives their numbers, and ``use_denoising_stress: false`` zeroes the stress on a denoising forward."""
-    from fairchem_equiformerv2.checkpoints import build_model, convert_checkpoint, read_checkpoint
+    from fairchem_equiformerv2.tools.checkpoints import build_model, convert_checkpoint, read_checkpoint
 
     module = "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
     theirs, _ = build_dens_pair(OMAT24, OMAT24_HEADS)

@@ -13,7 +13,7 @@ import yaml
 from fairchem_runs import CONFIGS, base_env, fairchem_cmd, run, train_steps, val_metrics
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2.dens_objective import DenoisingConfig
+from fairchem_equiformerv2.model.denoising.dens_objective import DenoisingConfig
 
 # the published values, read off FAIR-Chem/fairchem at 2ab5831c7
 SIZES = {  # num_layers, lmax, mmax, energy loss coefficient, batch size per GPU

@@ -11,7 +11,7 @@ from fairchem_runs import CONFIGS, base_env, demo_data, fairchem_cmd, run, train
 from oracle import SMALL
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2.dens_objective import DenoisingConfig, corrupt_batch, dens_generator
+from fairchem_equiformerv2.model.denoising.dens_objective import DenoisingConfig, corrupt_batch, dens_generator
 from fairchem_equiformerv2.errors import ConfigError
 
 DEMO_DENS = CONFIGS / "demo" / "s2ef_dens.yml"

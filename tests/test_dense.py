@@ -1,4 +1,4 @@
-"""Dense products through oneDNN (nn/dense.py): the same numbers and gradients as torch's own ops,
+"""Dense products through oneDNN (nn/ops/dense.py) and the route runtime.configure() picks: the same numbers and gradients as torch's own ops,
 torch's ops where oneDNN does not apply, and the model's products really going through it."""
 import os
 import subprocess
@@ -9,15 +9,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2.nn import activation, dense
+from fairchem_equiformerv2 import runtime
+from fairchem_equiformerv2.nn import activation
+from fairchem_equiformerv2.nn.ops import dense
 
-pytestmark = pytest.mark.skipif(not dense.ONEDNN_AVAILABLE, reason="torch has no oneDNN here")
+pytestmark = pytest.mark.skipif(not dense.onednn_available(), reason="torch has no oneDNN here")
 
 
 @pytest.fixture(autouse=True)
 def onednn_route(monkeypatch):
-    """These tests are of the oneDNN route: take it, whatever this machine's measurement chose."""
-    monkeypatch.setattr(dense, "ONEDNN", True)
+    """These tests are of the oneDNN route: take it, whatever this machine's measurement chose (made
+    first, so that a model built through fairchem, which makes it, does not change the route)."""
+    runtime.configure()
+    monkeypatch.setattr(dense, "_route", "onednn")
 
 
 def operand_layouts():
@@ -71,26 +75,27 @@ def test_torch_ops_where_onednn_does_not_apply():
 
 
 def test_the_environment_variable_chooses_and_a_wrong_value_is_named():
-    code = "from fairchem_equiformerv2.nn import dense; r = dense.matmul_route(); print(r.route, dense.onednn_route(), r)"
+    code = ("from fairchem_equiformerv2 import runtime; from fairchem_equiformerv2.nn.ops import dense; "
+            "r = runtime.configure().matmul; print(r.route, dense.onednn_route(), r)")
     for choice, expected in (("torch", "torch False"), ("onednn", "onednn True")):
-        env = {**os.environ, dense.CPU_MATMUL_ENV: choice}
+        env = {**os.environ, runtime.CPU_MATMUL_ENV: choice}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.startswith(expected) and f"{dense.CPU_MATMUL_ENV}={choice}" in out.stdout
-    env[dense.CPU_MATMUL_ENV] = "mkl"
+        assert out.stdout.startswith(expected) and f"{runtime.CPU_MATMUL_ENV}={choice}" in out.stdout
+    env[runtime.CPU_MATMUL_ENV] = "mkl"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and f"{dense.CPU_MATMUL_ENV}='mkl'" in bad.stderr and "onednn" in bad.stderr
+    assert bad.returncode != 0 and f"{runtime.CPU_MATMUL_ENV}='mkl'" in bad.stderr and "onednn" in bad.stderr
 
 
 def test_auto_route_is_measured_and_follows_the_faster_route(monkeypatch):
     """``auto`` times both routes; the choice follows the medians with oneDNN's margin."""
-    route = dense._measure_route(rows=64, inner=32, cols=16, rounds=3)
+    route = runtime._measure_route(rows=64, inner=32, cols=16, rounds=3)
     assert route.route in ("onednn", "torch") and route.onednn_s > 0 and route.torch_s > 0
-    assert (route.route == "onednn") == (route.onednn_s <= (1 - dense.ONEDNN_MARGIN) * route.torch_s)
+    assert (route.route == "onednn") == (route.onednn_s <= (1 - runtime.ONEDNN_MARGIN) * route.torch_s)
     assert "ms per probe product" in str(route)
     for onednn_s, torch_s, expected in ((1.0, 2.0, "onednn"), (1.0, 1.02, "torch"), (2.0, 1.0, "torch")):
         fake = iter([onednn_s, torch_s] * 4)
-        monkeypatch.setattr(dense.statistics, "median", lambda times: next(fake))
-        assert dense._measure_route(rows=8, inner=8, cols=8, rounds=1).route == expected
+        monkeypatch.setattr(runtime.statistics, "median", lambda times: next(fake))
+        assert runtime._measure_route(rows=8, inner=8, cols=8, rounds=1).route == expected
 
 
 def test_both_grid_layouts_agree(monkeypatch):
@@ -136,7 +141,7 @@ def test_model_products_go_through_onednn_and_are_all_counted(monkeypatch):
     with_onednn = counted()
     onednn_flops = with_onednn[torch.ops.mkldnn._linear_pointwise]
     assert onednn_flops > 0.5 * sum(with_onednn.values())
-    monkeypatch.setattr(dense, "ONEDNN", False)  # the torch route
+    monkeypatch.setattr(dense, "_route", "torch")
     with_torch = counted()
     assert torch.ops.mkldnn._linear_pointwise not in with_torch
     assert sum(with_onednn.values()) == sum(with_torch.values())

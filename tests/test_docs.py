@@ -10,7 +10,7 @@ For every Markdown file (README.md, CHANGELOG.md, docs/*.md, benchmarks/stand_in
     parser defines (read from the script's source); ``python -m module``: the module is importable;
   - ``bash path/to/script.sh``: the script exists;
   - ``fairchem-eqv2 SUB --flag``: the subcommand and its flags exist in
-    :func:`fairchem_equiformerv2.cli.build_parser`;
+    :func:`fairchem_equiformerv2.tools.cli.build_parser`;
   - ``fairchem --mode M --flag``: the mode and flags exist in fairchem's own parser
     (``--key=value`` config overrides are fairchem's and let through);
   - ``--config-yml FILE`` and any argument under configs/, scripts/, benchmarks/, tests/, docs/ or
@@ -19,7 +19,7 @@ For every Markdown file (README.md, CHANGELOG.md, docs/*.md, benchmarks/stand_in
 * every relative link and image resolves to a file or folder, and a ``#anchor`` to a heading of the
   target (GitHub's slugs);
 * every ``fairchem_equiformerv2.<name>`` resolves, every ``EQUIFORMERV2_*`` variable is read
-  somewhere in src/, every path-like inline code span (``nn/dense.py``, ``configs/demo/s2ef.yml``)
+  somewhere in src/, every path-like inline code span (``nn/ops/dense.py``, ``configs/demo/s2ef.yml``)
   names a file of the repository.
 
 Heredoc bodies, placeholders (``<id>``, ``...``, ``ID.npz``) and other programs (``cat``, ``pip``) are
@@ -76,7 +76,7 @@ def make_targets() -> frozenset[str]:
 
 @cache
 def cli_parser() -> argparse.ArgumentParser:
-    from fairchem_equiformerv2.cli import build_parser
+    from fairchem_equiformerv2.tools.cli import build_parser
 
     return build_parser()
 
@@ -562,7 +562,7 @@ def test_checker_passes_what_exists():
         "fairchem --mode validate --config-yml my.yml",
         "```",
         "See [configs](configs.md#the-bundled-configs-the-papers-recipes), [here](#a-heading-with-code),",
-        "![plot](../benchmarks/scaling.png), `nn/dense.py`, `fairchem_equiformerv2.checkpoints.convert_checkpoint`,",
+        "![plot](../benchmarks/scaling.png), `nn/ops/dense.py`, `fairchem_equiformerv2.tools.checkpoints.convert_checkpoint`,",
         "`EQUIFORMERV2_CPU_MATMUL`, `scatter.gather_pairs`, `backbone.EquiformerV2Backbone`, `torch.compile`.",
     ])
     assert check_markdown(markdown, SYNTHETIC) == []
@@ -596,7 +596,7 @@ def test_cli_version():
     from fairchem_equiformerv2 import __version__
 
     script = Path(sys.executable).with_name("fairchem-eqv2")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "fairchem_equiformerv2.cli"]
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "fairchem_equiformerv2.tools.cli"]
     result = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"fairchem-eqv2 {__version__}"

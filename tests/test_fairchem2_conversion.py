@@ -10,8 +10,8 @@ from fairchem.core.modules.normalization.normalizer import create_normalizer
 from test_checkpoints import BACKBONE, _fairchem_trainer, save_fairchem_hydra
 from test_cli_errors import eqv2
 
-from fairchem_equiformerv2.checkpoints import convert_checkpoint, read_checkpoint, strip_prefix
-from fairchem_equiformerv2.fairchem2_checkpoint import (
+from fairchem_equiformerv2.tools.checkpoints import convert_checkpoint, read_checkpoint, strip_prefix
+from fairchem_equiformerv2.tools.fairchem2_checkpoint import (
     CHECKPOINT_CLASS, CHECKPOINT_MODULE, Fairchem2ConversionError, _stand_in_class, fairchem2_checkpoint,
 )
 
@@ -35,12 +35,12 @@ def test_fields_weights_ema_normalizers_and_references(tmp_path):
 
     config = checkpoint.model_config
     assert config["_target_"] == "fairchem.core.models.base.HydraModel" and config["pass_through_head_outputs"]
-    assert config["backbone"]["model"] == "fairchem_equiformerv2.fairchem2.EquiformerV2Backbone"
+    assert config["backbone"]["model"] == "fairchem_equiformerv2.adapters.fairchem2.EquiformerV2Backbone"
     assert {k: v for k, v in config["backbone"].items() if k != "model"} == {
         k: v for k, v in plugin["config"]["model"]["backbone"].items() if k != "model"
     }
     assert {h["module"] for h in config["heads"].values()} == {
-        "fairchem_equiformerv2.fairchem2.EnergyHead", "fairchem_equiformerv2.fairchem2.ForceHead"
+        "fairchem_equiformerv2.adapters.fairchem2.EnergyHead", "fairchem_equiformerv2.adapters.fairchem2.ForceHead"
     }
 
     weights = strip_prefix(plugin["state_dict"])
@@ -49,7 +49,7 @@ def test_fields_weights_ema_normalizers_and_references(tmp_path):
     ema = checkpoint.ema_state_dict
     assert int(ema["n_averaged"]) == (plugin["ema"]["num_updates"] or 1)  # fairchem 1.x keeps no count by default
     assert ema.keys() - {"n_averaged"} == {f"module.{k}" for k in weights}
-    from fairchem_equiformerv2.checkpoints import build_model, trainable_parameter_names
+    from fairchem_equiformerv2.tools.checkpoints import build_model, trainable_parameter_names
 
     names = trainable_parameter_names(build_model(plugin["config"]["model"]))
     shadow = dict(zip(names, plugin["ema"]["shadow_params"]))
@@ -85,7 +85,7 @@ def test_command_line_stress_heads_and_what_has_no_fairchem2_counterpart(tmp_pat
     with_stress = trainer.save(checkpoint_file="stress.pt")
     converted = load_fairchem2(convert_checkpoint(with_stress, tmp_path / "s.pt", to="fairchem2"))
     head = converted.model_config["heads"]["stress"]
-    assert head["module"] == "fairchem_equiformerv2.fairchem2.StressHead" and head["decompose"] is True
+    assert head["module"] == "fairchem_equiformerv2.adapters.fairchem2.StressHead" and head["decompose"] is True
     assert head["isotropic_normalizer"] == pytest.approx([0.002, 0.03]) and head["anisotropic_normalizer"] == [0.0, 1.0]
     stress = next(t for t in converted.tasks_config if t["property"] == "stress")
     assert stress["out_spec"]["dim"] == [1, 9] and (stress["normalizer"]["mean"], stress["normalizer"]["rmsd"]) == (0.0, 1.0)

@@ -29,10 +29,10 @@ from structures import default_structures, slab_with_adsorbate, to_batch
 from test_checkpoints import deterministic_fairchem_frames, save_fairchem_hydra  # noqa: F401 (an autouse fixture)
 from test_conservative import model as conservative_model
 
-from fairchem_equiformerv2.backbone import EquiformerV2Backbone
-from fairchem_equiformerv2.checkpoints import convert_checkpoint
+from fairchem_equiformerv2.model.backbone import EquiformerV2Backbone
+from fairchem_equiformerv2.tools.checkpoints import convert_checkpoint
 from fairchem_equiformerv2.errors import ConfigError, ElementError, InputError
-from fairchem_equiformerv2.graph import search_cell
+from fairchem_equiformerv2.model.graph import search_cell
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 ENERGY_TOLERANCE, FORCE_TOLERANCE = 1e-5, 1e-4  # relative, float32, as the checkpoint parity tests
@@ -477,7 +477,7 @@ def molecular_split(folder, names, seed):
     """EMT-labelled rattled molecules as molecular LMDBs store them: zero cell, no ``pbc``."""
     from ase.calculators.emt import EMT
 
-    from fairchem_equiformerv2.demo_data import write_split
+    from fairchem_equiformerv2.tools.demo_data import write_split
 
     a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_edges=False, r_fixed=True, r_distances=False)
     entries = []

@@ -8,9 +8,9 @@ from fairchem.core.models.base import HydraModel
 from torch.nn.parallel import DistributedDataParallel
 from structures import default_structures, to_batch
 
-from fairchem_equiformerv2 import EquiformerV2Backbone
-from fairchem_equiformerv2.backbone import ConfigError
-from fairchem_equiformerv2.nn import dense
+from fairchem_equiformerv2 import EquiformerV2Backbone, runtime
+from fairchem_equiformerv2.model.backbone import ConfigError
+from fairchem_equiformerv2.nn.ops import dense
 from fairchem_equiformerv2.so3.frames import edge_frames
 from fairchem_equiformerv2.so3.layout import EdgeLayout
 from fairchem_equiformerv2.so3.wigner import wigner_d_blocks
@@ -124,7 +124,7 @@ def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
     from fairchem_equiformerv2.nn.embedding import EdgeDegreeEmbedding
     from fairchem_equiformerv2.nn.feed_forward import FeedForward
     from fairchem_equiformerv2.nn.radial import RadialMLP
-    from fairchem_equiformerv2.nn.scatter import gather_pairs, scatter_sum
+    from fairchem_equiformerv2.nn.ops.scatter import gather_pairs, scatter_sum
     from fairchem_equiformerv2.nn.so2_conv import radial_weights
     from fairchem_equiformerv2.so3.rotation import EdgeRotation
 
@@ -181,7 +181,8 @@ def test_torch_compile_option_matches_eager(monkeypatch):
     inside DDP as fairchem's trainers run it. (The ``aot_eager`` backend traces forward and backward as
     the default one does, without building kernels.) Eager runs its products through torch's ops here,
     as the compiled modules do (oneDNN's differ from them by float rounding: test_dense.py)."""
-    monkeypatch.setattr(dense, "ONEDNN", False)
+    runtime.configure()  # first: building through fairchem would otherwise choose the route below
+    monkeypatch.setattr(dense, "_route", "torch")
     batch = to_batch(default_structures())
     torch.manual_seed(0)
     eager = hydra(edge_roll="deterministic").eval()  # eval: no dropout
@@ -352,7 +353,7 @@ def test_recomputed_in_backward_keeps_notes_not_the_tensor():
     import gc
     import weakref
 
-    from fairchem_equiformerv2.nn.recompute import recomputed_in_backward
+    from fairchem_equiformerv2.nn.ops.recompute import recomputed_in_backward
 
     a, w = torch.randn(6, 4, requires_grad=True), torch.randn(2, 3, requires_grad=True)
 
@@ -472,7 +473,7 @@ def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd
 def test_rotated_gather_and_sum_match_autograd(monkeypatch, block_bytes):
     """``gather_pairs``/``scatter_sum`` through the edge rotations, block by block on the CPU, equal the
     plain gather-concatenate-bmm (and bmm-index_add) with their gradients."""
-    from fairchem_equiformerv2.nn import scatter
+    from fairchem_equiformerv2.nn.ops import scatter
 
     monkeypatch.setattr(scatter, "EDGE_BLOCK_BYTES", block_bytes)
     num_nodes, num_edges = 4, 11

@@ -17,8 +17,8 @@ import yaml
 from fairchem_runs import base_env, demo_data, fairchem_cmd, run, train_steps  # noqa: F401  (demo_data is a fixture)
 
 from fairchem_equiformerv2 import EquiformerV2Backbone, NoisyNodesBackbone, NoisyNodesHead
-from fairchem_equiformerv2.backbone import ConfigError
-from fairchem_equiformerv2.noisy_nodes import (
+from fairchem_equiformerv2.model.backbone import ConfigError
+from fairchem_equiformerv2.model.denoising.noisy_nodes import (
     LinearCoefficientSchedule,
     NoisyNodesConfig,
     corrupt_positions,
@@ -309,7 +309,7 @@ def test_corrupted_target_norm_is_the_reference_normaliser(demo_data):
     """The mean norm of (relaxed - corrupted input) against its closed forms: without noise and
     interpolation it is the mean displacement, with interpolation half of it (E[1 - t] = 1/2), and
     noise much larger than the displacements gives noise_std x E|N(0, I_3)| = noise_std x 2 sqrt(2/pi)."""
-    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, free_displacements
+    from fairchem_equiformerv2.tools.noisy_nodes_scale import corrupted_target_norm, free_displacements
 
     src = demo_data / "is2re" / "train"
     mean_distance = float(free_displacements(src).norm(dim=1).mean())
@@ -324,7 +324,7 @@ def test_noisy_nodes_scale_command(demo_data):
 
     from fairchem_runs import eqv2_cmd
 
-    from fairchem_equiformerv2.noisy_nodes import corrupted_target_norm, displacement_std
+    from fairchem_equiformerv2.tools.noisy_nodes_scale import corrupted_target_norm, displacement_std
 
     src = demo_data / "is2re" / "train"
     out = subprocess.run([*eqv2_cmd(), "noisy-nodes-scale", str(src), "--noise-std", "0.1"],
@@ -373,7 +373,7 @@ BAD_SOURCES = [  # (kind, a fragment of the one-line error)
 
 
 def _one_line_error(argv: list[str], capsys) -> str:
-    from fairchem_equiformerv2.cli import main
+    from fairchem_equiformerv2.tools.cli import main
 
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -578,7 +578,7 @@ def test_noisy_nodes_configs(nn_path, base_path):
 
 
 def test_demo_decay_covers_the_demo_run():
-    from fairchem_equiformerv2.demo_data import DEFAULT_IS2RE_SIZES
+    from fairchem_equiformerv2.tools.demo_data import DEFAULT_IS2RE_SIZES
 
     cfg = yaml.safe_load(DEMO_NN.read_text())
     steps = -(-DEFAULT_IS2RE_SIZES["train"] // cfg["optim"]["batch_size"]) * cfg["optim"]["max_epochs"]

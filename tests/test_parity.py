@@ -100,7 +100,7 @@ def test_oc22_energy_references_against_legacy_model(batch):
     from fairchem.core.models.base import HydraModel
     from oracle import OUR_HEADS, SMALL
 
-    from fairchem_equiformerv2.checkpoints import load_fairchem_weights
+    from fairchem_equiformerv2.tools.checkpoints import load_fairchem_weights
     from fairchem_equiformerv2.so3.frames import edge_frames
 
     args = {**SMALL, **PUBLISHED["oc20_s2ef_83M"], "use_energy_lin_ref": True, "load_energy_lin_ref": True}
@@ -128,7 +128,7 @@ def test_oc22_energy_references_against_legacy_model(batch):
 
 def test_parameter_gradients_match(batch):
     """A training step's parameter gradients agree too (our S2 activation has a hand-written backward)."""
-    from fairchem_equiformerv2.checkpoints import plugin_key
+    from fairchem_equiformerv2.tools.checkpoints import plugin_key
 
     theirs, ours = build_pair(PUBLISHED["oc20_s2ef_31M"], {"energy": {}, "forces": {}})
     for model in (theirs, ours):

@@ -7,8 +7,8 @@ from ase.build import fcc111
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import Trajectory
 
-from fairchem_equiformerv2.cli import main
-from fairchem_equiformerv2.submission import SPLITS, SubmissionError, make_submission
+from fairchem_equiformerv2.tools.cli import main
+from fairchem_equiformerv2.tools.submission import SPLITS, SubmissionError, make_submission
 
 OC20 = SPLITS["OC20"]
 

@@ -19,7 +19,7 @@ from fairchem_runs import (  # noqa: F401  (demo_data is a fixture)
     val_metrics,
 )
 
-from fairchem_equiformerv2.demo_data import zero_force_mae
+from fairchem_equiformerv2.tools.demo_data import zero_force_mae
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_config_is_fairchem_hydra_with_plugin_classes(path):
         assert normalizer["forces"]["mean"] == 0 and normalizer["forces"]["stdev"] == normalizer["energy"]["stdev"]
     assert not heads
     # fairchem resolves the dotted names by itself (no registration needed)
-    from fairchem_equiformerv2.backbone import EquiformerV2Backbone
+    from fairchem_equiformerv2.model.backbone import EquiformerV2Backbone
 
     assert issubclass(registry.get_model_class(model["backbone"]["model"]), EquiformerV2Backbone)
     optim = config["optim"]
@@ -105,7 +105,7 @@ def test_demo_warmup_is_at_least_one_step(demo_data):
     for cfg_path, task in ((DEMO_S2EF, "s2ef"), (DEMO_IS2RE, "is2re")):
         optim = yaml.safe_load(cfg_path.read_text())["optim"]
         # the default demo data sizes (fairchem-eqv2 demo-data) the configs are tuned for
-        from fairchem_equiformerv2.demo_data import DEFAULT_IS2RE_SIZES, DEFAULT_S2EF_SIZES
+        from fairchem_equiformerv2.tools.demo_data import DEFAULT_IS2RE_SIZES, DEFAULT_S2EF_SIZES
 
         n_train = (DEFAULT_S2EF_SIZES if task == "s2ef" else DEFAULT_IS2RE_SIZES)["train"]
         steps = -(-n_train // optim["batch_size"])

@@ -65,7 +65,7 @@ def predict_unit():
 
 def test_the_package_exports_the_fairchem2_adapter():
     assert fairchem_equiformerv2.fairchem_major_version() == 2
-    assert fairchem_equiformerv2.EquiformerV2Backbone.__module__ == "fairchem_equiformerv2.fairchem2"
+    assert fairchem_equiformerv2.EquiformerV2Backbone.__module__ == "fairchem_equiformerv2.adapters.fairchem2"
 
 
 @pytest.mark.parametrize("name", list(REFERENCE["structures"]))

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..so3.grid import S2Grid
-from .dense import mm, uses_onednn
-from .plain_autograd import is_plain, lean_autograd
+from .ops.dense import mm, uses_onednn
+from .ops.autograd_mode import is_plain, lean_autograd
 from .precision import autocast_off
-from .scatter import row_slices
+from .ops.scatter import row_slices
 
 
 class SmoothLeakyReLU(nn.Module):
@@ -136,7 +136,7 @@ class _ChannelsByPoints:
 
     @staticmethod
     def buffer(x: torch.Tensor, rows: int, points: int) -> None:
-        return None  # oneDNN has no out=: each product allocates (reused by malloc: see cpu_memory.py)
+        return None  # oneDNN has no out=: each product allocates (reused by malloc: see runtime.py)
 
     @staticmethod
     def to_grid(matrix: torch.Tensor, x: torch.Tensor, buffer: None) -> torch.Tensor:

@@ -22,8 +22,8 @@ from .activation import GateActivation, S2Activation, SeparableS2Activation, Smo
 from .linear import SO3Linear
 from .precision import at_least_float32, autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
-from .recompute import recomputed_in_backward
-from .scatter import gather_pairs, scatter_sum, segment_softmax
+from .ops.recompute import recomputed_in_backward
+from .ops.scatter import gather_pairs, scatter_sum, segment_softmax
 from .so2_conv import SO2Convolution
 
 ACTIVATIONS = ("separable_s2", "s2", "gate")

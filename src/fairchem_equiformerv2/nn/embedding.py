@@ -14,7 +14,7 @@ from ..so3.layout import num_coefficients
 from ..so3.rotation import EdgeRotation
 from .precision import autocast_off
 from .radial import EdgeTypeEmbedding, RadialMLP
-from .scatter import scatter_sum
+from .ops.scatter import scatter_sum
 
 
 class AtomEmbedding(nn.Module):

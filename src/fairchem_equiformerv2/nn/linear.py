@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..so3.layout import degree_of_coefficients
-from .plain_autograd import lean_autograd
+from .ops.autograd_mode import lean_autograd
 
 
 def so3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, degree: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ per edge that is most of the time: the attention's rotations into and out of the
 SO(2) convolutions and its S2 activation. Elsewhere bf16 would cost accuracy out of
 proportion to the time it saves (numbers in the README, ``benchmarks/bf16_error.py``):
 
-* the geometry (graph, edge frames, Wigner matrices) stays in the input's dtype (``backbone.py``);
+* the geometry (graph, edge frames, Wigner matrices) stays in the input's dtype (``model/backbone.py``);
 * the edge-degree embedding, the start of every atom's features, computes in float32 (its radial MLP,
   and its one rotation per forward pass: ``embedding.py``);
 * the work per atom computes in float32, the residual stream's dtype: the norms (``norm.py``), the
@@ -19,7 +19,7 @@ proportion to the time it saves (numbers in the README, ``benchmarks/bf16_error.
   in float32 (``attention.py``): ``[E, heads x alpha_channels]`` features reduced to ``[E, heads]``
   logits, whose bf16 rounding the softmax's exponential turns into relative errors of the weights;
 * sums of many terms (messages into atoms, their gradients, energies per structure) accumulate in
-  float32 (``scatter.py``, ``heads.py``): a GPU's bf16 atomic adds round after every term.
+  float32 (``ops/scatter.py``, ``model/heads.py``): a GPU's bf16 atomic adds round after every term.
 """
 from __future__ import annotations
 

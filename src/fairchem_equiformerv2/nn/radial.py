@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dense import Linear
+from .ops.dense import Linear
 from .precision import autocast_off
 
 

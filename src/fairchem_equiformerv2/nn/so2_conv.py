@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..so3.layout import EdgeLayout
-from .dense import Linear, linear, mm
-from .plain_autograd import lean_autograd
+from .ops.dense import Linear, linear, mm
+from .ops.autograd_mode import lean_autograd
 from .precision import autocast_off
 from .radial import RadialMLP
 

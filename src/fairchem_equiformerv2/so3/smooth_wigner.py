@@ -15,7 +15,7 @@ at most 3.5 for ``lmax <= 6`` (``cond`` of the lattice's ``Y^l(P)``, float64).
 
 Costlier than the Euler-angle route (``E S F`` harmonics and an ``[E, K, S] @ [S, F]`` product per
 forward pass), so the backbone uses it only when it differentiates the energy with respect to the
-geometry (``conservative.py``).
+geometry (``model/conservative.py``).
 """
 from __future__ import annotations
 

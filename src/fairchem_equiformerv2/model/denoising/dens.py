@@ -10,7 +10,7 @@ original forces, and predicts the added noise (per atom) and the original struct
 structures, where only some atoms are noised and encoded, the others predict forces as usual).
 
 This module holds the computation, in the layout of fairchem 1.10's ``EqV2DeNSBackbone`` and its
-DeNS heads, so that fairchem's DeNS checkpoints load (``checkpoints.py`` maps their key names):
+DeNS heads, so that fairchem's DeNS checkpoints load (``tools/checkpoints.py`` maps their key names):
 
 * :class:`DeNSBackbone` adds the force encoding to the node features before the edge-degree
   embedding: each atom's force ``f [3]`` becomes ``|f| / sqrt(3) * Y(f / |f|)`` ``[(lmax+1)**2]``
@@ -53,13 +53,13 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .arguments import check_arguments, flag, optional
-from .backbone import EquiformerV2Backbone
+from ..config import check_arguments, flag, optional
+from ..backbone import EquiformerV2Backbone
 from .dens_objective import DenoisingConfig, corrupt_batch, dens_generator
-from .errors import ConfigError
-from .heads import EnergyHead, ForceHead, StressHead
-from .nn.linear import SO3Linear
-from .weight_init import init_weights
+from ...errors import ConfigError
+from ..heads import EnergyHead, ForceHead, StressHead
+from ...nn.linear import SO3Linear
+from ...nn.init import init_weights
 
 logger = logging.getLogger(__name__)
 

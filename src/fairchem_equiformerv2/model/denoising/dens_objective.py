@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["DenoisingConfig", "DenoisingDraws", "draw_denoising", "corrupted_atoms", "dens_generator", "corrupt_batch"]
 

@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Rule = Callable[[object], "str | None"]
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_destination, write_bytes_atomically
-from .errors import UserInputError
+from .safe_write import check_destination, write_bytes_atomically
+from ..errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from e3nn import o3
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ConfigError
-from .nn.norm import make_norm
-from .nn.precision import at_least_float32
-from .nn.scatter import gather_pairs, segment_mean, segment_sum
-from .weight_init import init_weights
+from ..errors import ConfigError
+from ..nn.norm import make_norm
+from ..nn.precision import at_least_float32
+from ..nn.ops.scatter import gather_pairs, segment_mean, segment_sum
+from ..nn.init import init_weights
 
 
 def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:

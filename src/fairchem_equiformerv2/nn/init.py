@@ -10,8 +10,8 @@ import math
 import torch
 from torch import nn
 
-from .nn.linear import SO3Linear
-from .nn.radial import RadialMLP
+from .linear import SO3Linear
+from .radial import RadialMLP
 
 
 def _uniform_linear(module: nn.Module) -> None:

@@ -12,14 +12,16 @@ try:
     from fairchem.core.models.base import BackboneInterface, GraphModelMixin, HeadInterface
 except ImportError as error:  # fairchem 2.x moved or removed these
     raise ImportError(
-        "fairchem_equiformerv2.fairchem1 needs fairchem-core 1.x (pip install 'fairchem-core>=1.10,<2'); "
-        f"with fairchem-core 2.x use fairchem_equiformerv2.fairchem2 ({error})"
+        "fairchem_equiformerv2.adapters.fairchem1 needs fairchem-core 1.x (pip install 'fairchem-core>=1.10,<2'); "
+        f"with fairchem-core 2.x use fairchem_equiformerv2.adapters.fairchem2 ({error})"
     ) from error
 
-from . import backbone, dens, heads
+from .. import runtime
+from ..model import backbone, heads
+from ..model.denoising import dens, noisy_nodes
 
 
-class EquiformerV2Backbone(backbone.EquiformerV2Backbone, GraphModelMixin, BackboneInterface):
+class EquiformerV2Backbone(runtime.ConfiguredOnBuild, backbone.EquiformerV2Backbone, GraphModelMixin, BackboneInterface):
     __doc__ = backbone.EquiformerV2Backbone.__doc__
     radius_search = staticmethod(radius_graph_pbc)
 
@@ -36,7 +38,7 @@ class StressHead(heads.StressHead, HeadInterface):
     __doc__ = heads.StressHead.__doc__
 
 
-class DeNSBackbone(dens.DeNSBackbone, GraphModelMixin, BackboneInterface):
+class DeNSBackbone(runtime.ConfiguredOnBuild, dens.DeNSBackbone, GraphModelMixin, BackboneInterface):
     __doc__ = dens.DeNSBackbone.__doc__
     radius_search = staticmethod(radius_graph_pbc)
 
@@ -51,3 +53,12 @@ class DeNSForceHead(dens.DeNSForceHead, HeadInterface):
 
 class DeNSStressHead(dens.DeNSStressHead, HeadInterface):
     __doc__ = dens.DeNSStressHead.__doc__
+
+
+class NoisyNodesBackbone(runtime.ConfiguredOnBuild, noisy_nodes.NoisyNodesBackbone, GraphModelMixin, BackboneInterface):
+    __doc__ = noisy_nodes.NoisyNodesBackbone.__doc__
+    radius_search = staticmethod(radius_graph_pbc)
+
+
+class NoisyNodesHead(noisy_nodes.NoisyNodesHead, HeadInterface):
+    __doc__ = noisy_nodes.NoisyNodesHead.__doc__

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_destination, write_bytes_atomically
-from .errors import UserInputError
+from .safe_write import check_destination, write_bytes_atomically
+from ..errors import UserInputError
 
 #: EvalAI test splits per dataset, in submission order.
 SPLITS: dict[str, tuple[str, ...]] = {

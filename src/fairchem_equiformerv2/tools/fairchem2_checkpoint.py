@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 CHECKPOINT_MODULE, CHECKPOINT_CLASS = "fairchem.core.units.mlip_unit.api.inference", "MLIPInferenceCheckpoint"
 TASK = "fairchem.core.units.mlip_unit.mlip_unit.Task"
@@ -33,10 +33,10 @@ NORMALIZER = "fairchem.core.modules.normalization.normalizer.Normalizer"
 ELEMENT_REFERENCES = "fairchem.core.modules.normalization.element_references.ElementReferences"
 HYDRA_MODEL = "fairchem.core.models.base.HydraModel"
 FAIRCHEM2_CLASSES = {
-    "fairchem_equiformerv2.EquiformerV2Backbone": "fairchem_equiformerv2.fairchem2.EquiformerV2Backbone",
-    "fairchem_equiformerv2.EnergyHead": "fairchem_equiformerv2.fairchem2.EnergyHead",
-    "fairchem_equiformerv2.ForceHead": "fairchem_equiformerv2.fairchem2.ForceHead",
-    "fairchem_equiformerv2.StressHead": "fairchem_equiformerv2.fairchem2.StressHead",
+    "fairchem_equiformerv2.EquiformerV2Backbone": "fairchem_equiformerv2.adapters.fairchem2.EquiformerV2Backbone",
+    "fairchem_equiformerv2.EnergyHead": "fairchem_equiformerv2.adapters.fairchem2.EnergyHead",
+    "fairchem_equiformerv2.ForceHead": "fairchem_equiformerv2.adapters.fairchem2.ForceHead",
+    "fairchem_equiformerv2.StressHead": "fairchem_equiformerv2.adapters.fairchem2.StressHead",
 }
 #: per head class: (the task's property, its level, its output shape)
 TASKS = {

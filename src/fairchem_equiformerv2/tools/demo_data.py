@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .atomic import check_destination, staged_folder
+from .safe_write import check_destination, staged_folder
 from .demo_structures import displaced, emt_relaxation, labelled, random_system
-from .errors import UserInputError
+from ..errors import UserInputError
 
 if TYPE_CHECKING:  # fairchem 1.x's LMDB entries; imported where they are made, so that the
     from torch_geometric.data import Data  # aselmdb format works in a fairchem 2.x environment
@@ -201,7 +201,7 @@ def write_aselmdb_split(folder: Path, frames: list[Atoms]) -> Path:
     and ``folder/metadata.npz`` (natoms) for labelled ``frames``, replacing them; returns the database path."""
     from ase.db import connect
 
-    from .atomic import replaced_atomically
+    from .safe_write import replaced_atomically
     from .lmdb_writer import write_metadata
 
     path = folder / "data.aselmdb"

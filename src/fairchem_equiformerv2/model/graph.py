@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 #: fairchem's ``radius_graph_pbc(data, radius, max_neighbors, enforce_max_neighbors_strictly)`` ->
 #: ``(edge_index [2, E], cell_offsets [E, 3], neighbors [B])``, reading ``data.pos``, ``data.natoms``,

@@ -27,12 +27,13 @@ try:
     from fairchem.core.models.base import BackboneInterface, HeadInterface
 except ImportError as error:
     raise ImportError(
-        "fairchem_equiformerv2.fairchem2 needs fairchem-core 2.x (pip install 'fairchem-core>=2.4'); "
-        f"with fairchem-core 1.x use fairchem_equiformerv2.fairchem1 ({error})"
+        "fairchem_equiformerv2.adapters.fairchem2 needs fairchem-core 2.x (pip install 'fairchem-core>=2.4'); "
+        f"with fairchem-core 1.x use fairchem_equiformerv2.adapters.fairchem1 ({error})"
     ) from error
 
-from . import backbone, heads
-from .errors import ConfigError
+from .. import runtime
+from ..model import backbone, heads
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RegressConfig:
     hessian_vmap: bool = False
 
 
-class EquiformerV2Backbone(backbone.EquiformerV2Backbone, BackboneInterface):
+class EquiformerV2Backbone(runtime.ConfiguredOnBuild, backbone.EquiformerV2Backbone, BackboneInterface):
     __doc__ = backbone.EquiformerV2Backbone.__doc__
     radius_search = staticmethod(radius_graph_pbc)
 

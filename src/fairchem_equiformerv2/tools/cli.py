@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 EXIT_USER_ERROR = 2
 
@@ -98,7 +98,7 @@ def _add_force(parser: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fairchem-eqv2`` parser: one subparser per entry of :data:`_SUBCOMMANDS`."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="fairchem-eqv2",
@@ -201,7 +201,7 @@ def _run_demo_data(args: argparse.Namespace) -> None:
         for split, path in splits.items():
             line = f"{task}/{split}: {path}"
             if task == "is2re":  # (written only in fairchem 1.x's format: noisy_nodes needs fairchem 1.x)
-                from .noisy_nodes import free_displacements
+                from .noisy_nodes_scale import free_displacements
 
                 distances = free_displacements(path).norm(dim=1)
                 line += (f"  (free atoms move {float(distances.mean()):.3f} A on average in the relaxation, "
@@ -367,7 +367,8 @@ def _add_noisy_nodes_scale(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_noisy_nodes_scale(args: argparse.Namespace) -> None:
-    from .noisy_nodes import CONFIG_RULES, free_displacements, mean_corrupted_target_norm
+    from ..model.denoising.noisy_nodes import CONFIG_RULES, mean_corrupted_target_norm
+    from .noisy_nodes_scale import free_displacements
 
     problem = CONFIG_RULES["noise_std"](args.noise_std)  # the config's rule: a finite number >= 0
     if problem:

@@ -5,7 +5,7 @@ The blocks of ``nn/`` train through memory-lean ``torch.autograd.Function``s (``
 them (``recompute.py``). Those backward passes treat the edge rotations as constants and are first
 order only: right for direct forces, where nothing differentiates with respect to the geometry.
 
-Forces and stress as gradients of the energy (``conservative.py``) differentiate the energy with
+Forces and stress as gradients of the energy (``model/conservative.py``) differentiate the energy with
 respect to positions (through the edge vectors, frames, Wigner matrices and radial features), and
 training them differentiates that gradient again (``create_graph``). Inside :func:`plain_autograd`,
 every block takes its plain-torch path (the one it takes under ``torch.compile``), which autograd

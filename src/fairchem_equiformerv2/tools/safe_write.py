@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 #: ``os.link`` errors of file systems without hard links; there :func:`publish` checks, then renames.
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}

@@ -25,22 +25,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .arguments import check_arguments, flag, integer, integer_list, optional, real, text
-from .cpu_memory import keep_freed_memory
-from .errors import ConfigError, ElementError, InputError
+from .config import check_arguments, flag, integer, integer_list, optional, real, text
+from ..errors import ConfigError, ElementError, InputError
 from .graph import GraphSettings, RadiusSearch, build_graph
-from .nn.attention import GraphAttention
-from .nn.block import EquiformerV2Block
-from .nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
-from .nn.feed_forward import FeedForward
-from .nn.norm import NORM_TYPES, make_norm
-from .nn.plain_autograd import plain_autograd
-from .nn.precision import autocast_off
-from .nn.radial import EdgeTypeEmbedding, GaussianBasis
-from .so3.frames import edge_frames
-from .so3.layout import EdgeLayout
-from .so3.rotation import EdgeRotation
-from .weight_init import init_weights
+from ..nn.attention import GraphAttention
+from ..nn.block import EquiformerV2Block
+from ..nn.embedding import AtomEmbedding, EdgeDegreeEmbedding
+from ..nn.feed_forward import FeedForward
+from ..nn.norm import NORM_TYPES, make_norm
+from ..nn.ops.autograd_mode import plain_autograd
+from ..nn.precision import autocast_off
+from ..nn.radial import EdgeTypeEmbedding, GaussianBasis
+from ..so3.frames import edge_frames
+from ..so3.layout import EdgeLayout
+from ..so3.rotation import EdgeRotation
+from ..nn.init import init_weights
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +242,6 @@ class EquiformerV2Backbone(nn.Module):
             self.compile_options = {"dynamic": True, **torch_compile}
         elif torch_compile:
             self.compile_options = {"dynamic": True}
-        if self.compile_options is not None:
-            # fairchem's trainers wrap the model in DDP, whose graph splitter in torch.compile refuses the
-            # autograd Functions of nn/ (higher-order ops in the graph). Off, DDP still overlaps its
-            # gradient exchange with the backward graph by graph, i.e. block by block. Process-wide.
-            torch._dynamo.config.optimize_ddp = False
         self.layout = EdgeLayout(lmax, mmax)
 
         self.atom_embedding = AtomEmbedding(max_num_elements, sphere_channels, lmax)
@@ -399,7 +393,6 @@ class EquiformerV2Backbone(nn.Module):
         atomic_numbers = self._check_input(data)
         if data.pos.device.type == "cpu":
             self._check_cpu_compile_autocast()
-            keep_freed_memory()  # no page faults on every step's fresh tensors (see cpu_memory.py)
         # Geometry in the input's precision, also under autocast: bf16 periodic-image offsets alone
         # would move atoms by ~0.05 A.
         with autocast_off(data.pos):

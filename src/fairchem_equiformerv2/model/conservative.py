@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .heads import EnergyHead
-from .nn.plain_autograd import plain_autograd
-from .nn.precision import at_least_float32
+from ..nn.ops.autograd_mode import plain_autograd
+from ..nn.precision import at_least_float32
 
 
 @dataclass

@@ -27,8 +27,8 @@ import lmdb
 import numpy as np
 import torch
 
-from .atomic import replaced_atomically, write_bytes_atomically
-from .errors import UserInputError
+from .safe_write import replaced_atomically, write_bytes_atomically
+from ..errors import UserInputError
 
 if TYPE_CHECKING:
     from torch_geometric.data import Data

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .plain_autograd import lean_autograd
+from .autograd_mode import lean_autograd
 
 
 class _ViewOfRecomputed:

@@ -17,7 +17,7 @@ concatenation, as autograd would do) is 5x slower than both sums.
 With a rotation, the CPU goes through the edges in blocks of about :data:`EDGE_BLOCK_BYTES`: a
 block's gathered pairs (or rotated messages) stay in cache, and the edge-frame tensors of all edges
 in the l-major layout (``[E, (lmax+1)**2, 2C]``: 76 MB at lmax 6 for two 38-atom slabs) are never
-allocated (with glibc's mmap threshold at 32 MB, as ``cpu_memory`` once set it, each was page-faulted
+allocated (with glibc's mmap threshold at 32 MB, as the plugin once set it, each was page-faulted
 anew in every layer: 1.4 GB of page faults per 83M inference step). Elsewhere (and under
 ``torch.compile``) all edges are one block.
 """
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .plain_autograd import is_plain, lean_autograd
-from .precision import accumulation_dtype, autocast_off, matmul_dtype
+from .autograd_mode import is_plain, lean_autograd
+from ..precision import accumulation_dtype, autocast_off, matmul_dtype
 
 EDGE_BLOCK_BYTES = 4 * 2**20
 

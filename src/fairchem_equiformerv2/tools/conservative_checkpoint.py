@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import check_destination
+from .safe_write import check_destination
 from .checkpoints import (
     CheckpointError,
     _atomic_save,
@@ -30,7 +30,7 @@ from .checkpoints import (
     config_normalizer_values,
     read_checkpoint,
 )
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONSERVATIVE_HEAD = "fairchem_equiformerv2.ConservativeHead"
 
