@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from structures import default_structures, to_batch
 
 from fairchem_equiformerv2 import runtime
-from fairchem_equiformerv2.nn import activation
+from fairchem_equiformerv2.nn.ops import grid as activation
 from fairchem_equiformerv2.nn.ops import dense
 
 pytestmark = pytest.mark.skipif(not dense.onednn_available(), reason="torch has no oneDNN here")

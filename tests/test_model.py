@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from structures import default_structures, to_batch
 
 from fairchem_equiformerv2 import EquiformerV2Backbone, runtime
-from fairchem_equiformerv2.model.backbone import ConfigError
+from fairchem_equiformerv2.errors import ConfigError
 from fairchem_equiformerv2.nn.ops import dense
 from fairchem_equiformerv2.so3.frames import edge_frames
 from fairchem_equiformerv2.so3.layout import EdgeLayout
@@ -125,7 +125,7 @@ def test_bf16_autocast_keeps_atom_work_radial_weights_and_sums_in_float32():
     from fairchem_equiformerv2.nn.feed_forward import FeedForward
     from fairchem_equiformerv2.nn.radial import RadialMLP
     from fairchem_equiformerv2.nn.ops.scatter import gather_pairs, scatter_sum
-    from fairchem_equiformerv2.nn.so2_conv import radial_weights
+    from fairchem_equiformerv2.nn.ops.so2 import radial_weights
     from fairchem_equiformerv2.so3.rotation import EdgeRotation
 
     mlp = RadialMLP([6, 5, 5, 7])
@@ -332,7 +332,7 @@ def test_grid_activation_gradient_matches_autograd():
 
 def test_radial_linear_gradient_matches_autograd():
     """The m = 0 map with radial weights recomputed in backward (w = h rw^T + rb)."""
-    from fairchem_equiformerv2.nn.so2_conv import _RadialLinear
+    from fairchem_equiformerv2.nn.ops.so2 import _RadialLinear
 
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
@@ -436,7 +436,7 @@ def test_radial_maps_under_autocast_give_gradients_of_their_inputs_dtype(x_dtype
 
 def test_so3_linear_gradient_matches_autograd():
     """The per-degree linear map keeping the per-degree weight (not one matrix per coefficient)."""
-    from fairchem_equiformerv2.nn.linear import _SO3Linear, so3_linear
+    from fairchem_equiformerv2.nn.ops.linear import _SO3Linear, so3_linear
     from fairchem_equiformerv2.so3.layout import degree_of_coefficients
 
     x = torch.randn(3, 9, 4, dtype=torch.float64, requires_grad=True)
@@ -451,7 +451,7 @@ def test_so3_linear_gradient_matches_autograd():
 
 def test_complex_linear_is_the_complex_product_and_its_gradient_matches_autograd():
     """The m > 0 SO(2) map in three matmuls (Gauss) equals the four-matmul complex product."""
-    from fairchem_equiformerv2.nn.so2_conv import _ComplexLinear, complex_linear
+    from fairchem_equiformerv2.nn.ops.so2 import _ComplexLinear, _complex_product as complex_linear
 
     x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
     h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

@@ -17,7 +17,7 @@ import yaml
 from fairchem_runs import base_env, demo_data, fairchem_cmd, run, train_steps  # noqa: F401  (demo_data is a fixture)
 
 from fairchem_equiformerv2 import EquiformerV2Backbone, NoisyNodesBackbone, NoisyNodesHead
-from fairchem_equiformerv2.model.backbone import ConfigError
+from fairchem_equiformerv2.errors import ConfigError
 from fairchem_equiformerv2.model.denoising.noisy_nodes import (
     LinearCoefficientSchedule,
     NoisyNodesConfig,
@@ -267,11 +267,11 @@ def test_model_applies_the_schedule_to_prediction_and_target(is2re_batch):
         bb.noisy_nodes_step -= 1
         torch.manual_seed(step)
         emb = bb(is2re_batch.clone())
-        target, coefficient = emb["noisy_nodes"]["target"], emb["noisy_nodes"]["coefficient"]
+        target, coefficient = emb.noisy_nodes.target, emb.noisy_nodes.scale
         # the schedule, times 3 for the demo config's loss: l1 (fairchem's mae averages over x, y, z)
         assert coefficient == pytest.approx(3 * LinearCoefficientSchedule(15, 1, 4)(step))
         torch.testing.assert_close(batch.noisy_nodes, target * coefficient)
-        emb["noisy_nodes"]["coefficient"] = 1.0
+        emb.noisy_nodes.scale = 1.0
         unscaled = head(is2re_batch.clone(), emb)["noisy_nodes"]
         torch.testing.assert_close(prediction, unscaled * coefficient)
         ratios.append(coefficient)

@@ -10,6 +10,7 @@ convert-checkpoint --to fairchem2``, and evaluated by the plugin's fairchem 1.x 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -89,6 +90,23 @@ def test_batched_prediction_of_structures_of_different_sizes(predict_unit):
         forces[REFERENCE["structures"][name]["fixed"]] = 0  # as ASE's get_forces() gave the reference
         assert_matches_reference(name, float(out["energy"][i]), forces)
         first += len(a)
+
+
+def test_a_prediction_leaves_the_callers_data_and_settings_as_they_were():
+    """The backbone writes ``atomic_numbers_full`` and ``batch_full`` into the batch it is given (fairchem's
+    element references read them there) and turns ``compile`` off in the settings it is given (the unit
+    then skips its whole-model compile): both are the predict unit's own copies, not the caller's."""
+    settings = InferenceSettings(compile=True, tf32=False, merge_mole=False, activation_checkpointing=False)
+    settings_before = copy.deepcopy(settings)
+    unit = load_predict_unit(str(CHECKPOINT), inference_settings=settings, device="cpu")
+    batch = atomicdata_list_to_batch([AtomicData.from_ase(
+        reference_atoms("slab_2d"), task_name=REFERENCE["dataset"], r_energy=False, r_forces=False, r_stress=False)])
+    keys, tensors = set(batch.keys()), {key: value.clone() for key, value in batch if torch.is_tensor(value)}
+    out = unit.predict(batch)
+    assert settings == settings_before and unit.inference_settings.compile is False
+    assert set(batch.keys()) == keys and "batch_full" not in keys
+    assert all(torch.equal(batch[key], value) for key, value in tensors.items())
+    assert_matches_reference("slab_2d", float(out["energy"][0]), out["forces"].numpy())
 
 
 def test_relaxation_converges_below_the_start(predict_unit):

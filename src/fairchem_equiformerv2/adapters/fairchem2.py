@@ -8,7 +8,9 @@ fairchem2`` writes an inference checkpoint that names them). What fairchem 2.x a
 
 * heads return ``{task_name: {property: tensor}}`` (``output_name`` is the task's name);
 * ``regress_config`` says the forces are direct (the predict unit then runs without gradients);
-* the element references read ``data.atomic_numbers_full`` and ``data.batch_full``;
+* the element references read ``atomic_numbers_full`` and ``batch_full`` from the batch the model ran on,
+  so ``forward`` writes them there, as UMA's backbone does (the predict unit's own clone of the caller's
+  batch; in training, the training unit's batch, which ``compute_loss`` reads);
 * :meth:`EquiformerV2Backbone.build_inference_settings` maps ``InferenceSettings`` onto the
   backbone's arguments: ``activation_checkpointing`` -> ``activation_checkpoint``; ``compile`` ->
   the blocks compiled on a GPU (:meth:`prepare_for_inference`; the CPU stays eager, where the
@@ -75,7 +77,7 @@ class EquiformerV2Backbone(runtime.ConfiguredOnBuild, backbone.EquiformerV2Backb
         super().__init__(*args, **kwargs)
         self.regress_config = RegressConfig()
 
-    def forward(self, data) -> dict:
+    def forward(self, data) -> backbone.BackboneOutput:
         data["atomic_numbers_full"] = data["atomic_numbers"]
         data["batch_full"] = data["batch"]
         return super().forward(data)
@@ -115,7 +117,9 @@ class EquiformerV2Backbone(runtime.ConfiguredOnBuild, backbone.EquiformerV2Backb
     def prepare_for_inference(self, data, settings):
         """Honour ``settings.compile`` by compiling the equivariant blocks on a GPU (as the backbone's own
         ``torch_compile`` does); the predict unit's whole-model compile is turned off, since inductor's
-        CPU kernels fail on scatter-adds and the CPU runs faster eager (oneDNN products)."""
+        CPU kernels fail on scatter-adds and the CPU runs faster eager (oneDNN products). ``settings`` is
+        the predict unit's own copy (it deep-copies the caller's), whose ``compile`` it reads after this
+        call to decide that compile: setting it False is the one way fairchem 2.x offers to decline it."""
         if settings.compile:
             settings.compile = False
             if data["pos"].device.type == "cuda":
@@ -138,7 +142,7 @@ class _TaskOutputs:
 
     property_name: str
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: backbone.BackboneOutput) -> dict:
         return {name: {self.property_name: value} for name, value in super().forward(data, emb).items()}
 
 
@@ -170,7 +174,7 @@ class StressHead(heads.StressHead, HeadInterface):
                             "anisotropic": tuple(map(float, anisotropic_normalizer)), "full": tuple(map(float, normalizer))}
         self.register_buffer("irreps_to_cartesian", torch.tensor(IRREPS_TO_CARTESIAN), persistent=False)
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: backbone.BackboneOutput) -> dict:
         out, name = super().forward(data, emb), self.output_name
         if not self.decompose:
             mean, rmsd = self.normalizers["full"]

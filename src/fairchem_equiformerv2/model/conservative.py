@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, InputError
+from .backbone import BackboneOutput
 from .heads import EnergyHead
 from ..nn.ops.autograd_mode import plain_autograd
 from ..nn.precision import at_least_float32
@@ -47,8 +48,9 @@ class EnergyGradients:
 
     def prepare(self, data) -> tuple[object, dict[str, torch.Tensor]]:
         """A shallow copy of the batch whose ``pos [N, 3]`` (and ``cell [B, 3, 3]``) derive from leaves that
-        require grad, and those leaves: ``{"gradient_positions": [N, 3], "gradient_strain": [B, 3, 3]}``
-        (the strain only with ``stress``). Call with gradients enabled."""
+        require grad, and those leaves, :class:`.backbone.BackboneOutput`'s fields: ``{"gradient_positions":
+        [N, 3], "gradient_strain": [B, 3, 3], "gradient_cell": [B, 3, 3]}`` (strain and cell only with
+        ``stress``). Call with gradients enabled."""
         out = copy.copy(data)
         positions = data.pos.detach().requires_grad_(True)
         inputs = {"gradient_positions": positions}
@@ -72,20 +74,20 @@ class EnergyGradients:
         return out, inputs
 
     def differentiate(
-        self, energy: torch.Tensor, emb: dict, create_graph: bool
+        self, energy: torch.Tensor, emb: BackboneOutput, create_graph: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``energy [B]`` -> forces ``-dE/dx [N, 3]`` and, with ``stress``, ``(1/V) dE/d(epsilon) [B, 9]``
         (``None`` otherwise), from the leaves :meth:`prepare` made (in ``emb``)."""
-        leaves = [emb["gradient_positions"]] + ([emb["gradient_strain"]] if self.stress else [])
+        leaves = [emb.gradient_positions] + ([emb.gradient_strain] if self.stress else [])
         grads = torch.autograd.grad(energy.sum(), leaves, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
         forces = -grads[0]
         if not self.stress:
             return forces, None
-        volume = torch.linalg.det(emb["gradient_cell"]).abs()  # [B]
+        volume = torch.linalg.det(emb.gradient_cell).abs()  # [B]
         if not (volume > 0).all():
             s = int((volume <= 0).nonzero()[0])
-            raise InputError(f"structure {s}: stress needs a cell of non-zero volume; its cell is {emb['gradient_cell'][s].tolist()}")
+            raise InputError(f"structure {s}: stress needs a cell of non-zero volume; its cell is {emb.gradient_cell[s].tolist()}")
         return forces, (grads[1] / volume.view(-1, 1, 1)).reshape(-1, 9)
 
 
@@ -116,13 +118,13 @@ class ConservativeHead(EnergyHead):
         names = [output_name, forces_name] + ([stress_name] if stress else [])
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"ConservativeHead: output_name, forces_name, stress_name = {names}: must be distinct, non-empty names")
-        if getattr(backbone, "activation_checkpoint", False):
+        if backbone.config.activation_checkpoint:
             raise ConfigError(
                 "ConservativeHead with activation_checkpoint=True: the checkpointed blocks would recompute "
                 "outside plain autograd in the backward pass, where the force loss needs second derivatives; "
                 "set activation_checkpoint: false"
             )
-        if getattr(backbone, "compile_options", None) is not None:
+        if backbone.config.compile_options is not None:
             raise ConfigError(
                 "ConservativeHead with torch_compile: torch 2.4's compiled graphs have no double backward, "
                 "which training on gradient forces needs; set torch_compile: false"
@@ -139,8 +141,8 @@ class ConservativeHead(EnergyHead):
         """fairchem's ``HeadInterface``: no autocast around this head (derivatives in full precision)."""
         return False
 
-    def forward(self, data, emb: dict) -> dict:
-        if "gradient_positions" not in emb:
+    def forward(self, data, emb: BackboneOutput) -> dict:
+        if emb.gradient_positions is None:
             raise RuntimeError("ConservativeHead: the backbone did not make positions differentiable (was it built with this head?)")
         create_graph = torch.is_grad_enabled()  # training: the force loss must reach the weights
         with torch.enable_grad(), plain_autograd():

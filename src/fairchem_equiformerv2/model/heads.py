@@ -25,6 +25,7 @@ from ..nn.norm import make_norm
 from ..nn.precision import at_least_float32
 from ..nn.ops.scatter import gather_pairs, segment_mean, segment_sum
 from ..nn.init import init_weights
+from .backbone import BackboneOutput
 
 
 def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:
@@ -41,18 +42,18 @@ class EnergyHead(nn.Module):
         if reduce not in ("sum", "mean"):
             raise ConfigError(f"EnergyHead: reduce={reduce!r}: must be 'sum' or 'mean'")
         self.output_name, self.reduce = output_name, reduce
-        self.avg_num_nodes = backbone.avg_num_nodes
+        self.avg_num_nodes = backbone.config.avg_num_nodes
         self.energy_block = backbone.compiled(backbone.make_feed_forward(1))
-        self.apply(lambda m: init_weights(m, backbone.weight_init))
+        self.apply(lambda m: init_weights(m, backbone.config.weight_init))
 
-    def forward(self, data, emb: dict) -> dict:
-        node_energy = self.energy_block(emb["node_embedding"])[:, 0, 0]  # [N]
+    def forward(self, data, emb: BackboneOutput) -> dict:
+        node_energy = self.energy_block(emb.node_embedding)[:, 0, 0]  # [N]
         num_structures = len(data.natoms)
         natoms = data.natoms.clamp_min(1)  # a structure without atoms: energy 0 (fairchem's mean: 0 / 0)
         energy = sum_per_structure(node_energy, data.batch, num_structures)
         energy = energy / self.avg_num_nodes if self.reduce == "sum" else energy / natoms
-        if "energy_lin_ref" in emb:  # [num_elements], a backbone parameter as in fairchem's checkpoints
-            reference = sum_per_structure(emb["energy_lin_ref"][data.atomic_numbers.long()], data.batch, num_structures)
+        if emb.energy_lin_ref is not None:  # [num_elements], a backbone parameter as in fairchem's checkpoints
+            reference = sum_per_structure(emb.energy_lin_ref[data.atomic_numbers.long()], data.batch, num_structures)
             energy = energy + (reference if self.reduce == "sum" else reference / natoms)
         return {self.output_name: energy}  # [B]
 
@@ -67,17 +68,17 @@ class ForceHead(nn.Module):
     def __init__(self, backbone, output_name: str = "forces"):
         super().__init__()
         self.output_name = output_name
-        self.activation_checkpoint = backbone.activation_checkpoint
+        self.activation_checkpoint = bool(backbone.config.activation_checkpoint)
         self.force_block = backbone.compiled(backbone.make_attention(1, alpha_drop=0.0))
-        self.apply(lambda m: init_weights(m, backbone.weight_init))
+        self.apply(lambda m: init_weights(m, backbone.config.weight_init))
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: BackboneOutput) -> dict:
         return {self.output_name: self.vector(self.force_block, emb)}  # [N, 3]
 
-    def vector(self, block: nn.Module, emb: dict) -> torch.Tensor:
+    def vector(self, block: nn.Module, emb: BackboneOutput) -> torch.Tensor:
         """The ``l = 1`` output ``[N, 3]`` of a graph attention ``block`` on the backbone's ``emb``."""
-        graph = emb["graph"]
-        args = (emb["node_embedding"], graph.atomic_numbers_full, emb["edge_features"], graph.edge_index, emb["rotation"])
+        graph = emb.graph
+        args = (emb.node_embedding, graph.atomic_numbers_full, emb.edge_features, graph.edge_index, emb.rotation)
         out = checkpoint(block, *args, use_reentrant=False) if self.activation_checkpoint else block(*args)
         return at_least_float32(out[:, 1:4, 0]).contiguous()
 
@@ -163,16 +164,16 @@ class StressHead(nn.Module):
         super().__init__()
         self.output_name, self.decompose = output_name, decompose
         self.use_source_target_embedding, self.avg_num_nodes = use_source_target_embedding, avg_num_nodes
-        self.lmax = backbone.lmax
-        self.sphharm_norm = make_norm(getattr(backbone, "norm_type", default_norm_type), self.lmax, 1)
-        channels = backbone.sphere_channels * (2 if use_source_target_embedding else 1)
+        self.lmax = backbone.config.lmax
+        self.sphharm_norm = make_norm(backbone.config.norm_type, self.lmax, 1)  # default_norm_type: fairchem's, unused
+        channels = backbone.config.sphere_channels * (2 if use_source_target_embedding else 1)
         self.xedge_layer_norm = nn.LayerNorm(channels)
         block = Rank2DecompositionBlock if decompose else Rank2Block
         self.block = block(channels, num_layers=num_mlp_layers, edge_level=edge_level_mlp, extensive=extensive)
         self.block.apply(lambda m: init_weights(m, "uniform"))
 
-    def forward(self, data, emb: dict) -> dict:
-        x, graph = emb["node_embedding"], emb["graph"]
+    def forward(self, data, emb: BackboneOutput) -> dict:
+        x, graph = emb.node_embedding, emb.graph
         source, target = graph.edge_index
         edge_vec = graph.edge_distance_vec
         harmonics = o3.spherical_harmonics(list(range(self.lmax + 1)), edge_vec, normalize=False).detach()

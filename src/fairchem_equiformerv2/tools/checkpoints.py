@@ -1,6 +1,7 @@
 """The one weight mapping from fairchem's EquiformerV2 key names to ours.
 
-Used by the checkpoint converter, the parity tests and the benchmark. Our parameters keep
+Used by the checkpoint converters, the parity tests and the benchmark; the DDP ``module.``
+prefix is read and stripped here too (:func:`ddp_prefix`, :func:`strip_prefix`). Our parameters keep
 fairchem's shapes and meanings; only a few module paths differ:
 
 * ``sphere_embedding``                 -> ``atom_embedding.sphere_embedding``
@@ -28,7 +29,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -89,16 +90,40 @@ def plugin_key(key: str) -> str:
     return key
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    """Remove a DDP/DataParallel prefix when every key has it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+def is_legacy_layout(keys: Iterable[str]) -> bool:
+    """True for the older single-model layout (no ``backbone.`` keys, the DDP prefix stripped)."""
+    return not any(k.startswith("backbone.") for k in keys)
 
 
-def is_legacy_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """True for the older single-model layout (no ``backbone.`` keys)."""
-    return not any(k.startswith("backbone.") for k in state_dict)
+DDP_PREFIX = "module."
+
+
+def ddp_prefix(keys: Iterable[str]) -> str:
+    """:data:`DDP_PREFIX` when every key has it (a DDP/DataParallel-wrapped model's state dict), else ``""``."""
+    keys = list(keys)
+    return DDP_PREFIX if keys and all(k.startswith(DDP_PREFIX) for k in keys) else ""
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` without its DDP/DataParallel prefix (:func:`ddp_prefix`), if it has one."""
+    prefix = ddp_prefix(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items()}
+
+
+def fairchem_key_table(keys: Iterable[str]) -> dict[str, str]:
+    """fairchem's key (as stored: either layout, with or without ``module.``) -> ours (no prefix), for
+    every key that is not a derived buffer: :func:`hydra_key` for the older layout, then :func:`plugin_key`."""
+    keys = list(keys)
+    prefix = ddp_prefix(keys)
+    bare = {key: key[len(prefix):] for key in keys}
+    legacy = is_legacy_layout(bare.values())
+    return {key: plugin_key(hydra_key(b) if legacy else b) for key, b in bare.items() if not is_derived_buffer(b)}
+
+
+def _key_differences(keys: Iterable[str], expected: Iterable[str]) -> str:
+    """``"unknown keys [...]; missing keys [...]"``: the keys only in ``keys``, then only in ``expected``."""
+    unknown, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
+    return (f"unknown keys {unknown}; " if unknown else "") + (f"missing keys {missing}" if missing else "")
 
 
 def map_fairchem_state_dict(
@@ -111,22 +136,10 @@ def map_fairchem_state_dict(
         target_keys: our model's ``state_dict`` keys; when given, keys missing on either side raise
             :class:`WeightMappingError` listing them.
     """
-    state_dict = strip_prefix(state_dict)
-    legacy = is_legacy_layout(state_dict)
-    mapped = {}
-    for key, value in state_dict.items():
-        if is_derived_buffer(key):
-            continue
-        mapped[plugin_key(hydra_key(key) if legacy else key)] = value
-    if target_keys is not None:
-        unknown = sorted(set(mapped) - set(target_keys))
-        missing = sorted(set(target_keys) - set(mapped))
-        if unknown or missing:
-            raise WeightMappingError(
-                "fairchem weights do not match the plugin model: "
-                + (f"unknown keys {unknown}; " if unknown else "")
-                + (f"missing keys {missing}" if missing else "")
-            )
+    mapped = {ours: state_dict[theirs] for theirs, ours in fairchem_key_table(state_dict).items()}
+    differences = "" if target_keys is None else _key_differences(mapped, target_keys)
+    if differences:
+        raise WeightMappingError("fairchem weights do not match the plugin model: " + differences)
     return mapped
 
 
@@ -194,8 +207,9 @@ HEAD_MODULES = {
         ("DeNSScalarHead", "DeNSEnergyHead"), ("DeNSVectorHead", "DeNSForceHead"), ("DeNSRank2Head", "DeNSStressHead"),
         ("DeNSEnergyHead", "DeNSEnergyHead"), ("DeNSForceHead", "DeNSForceHead"))},
 }
+CONSERVATIVE_HEAD = "fairchem_equiformerv2.ConservativeHead"
 #: the plugin's heads: fairchem's equivalents, and ConservativeHead (energy and its gradients), which has none
-PLUGIN_HEADS = frozenset(HEAD_MODULES.values()) | {"fairchem_equiformerv2.ConservativeHead"}
+PLUGIN_HEADS = frozenset(HEAD_MODULES.values()) | {CONSERVATIVE_HEAD}
 #: Task names fairchem 1.10 stores as ``config["trainer"]`` (``new_trainer_context``); they are
 #: not trainer names, so ``OCPCalculator(checkpoint_path=...)`` fails on them without ``trainer=``.
 TASK_NAMES_SAVED_AS_TRAINER = ("s2ef", "is2re", "ocp", "multitask")
@@ -493,13 +507,9 @@ def _check_against_model(mapped: Mapping[str, torch.Tensor], model: torch.nn.Mod
     model's keys (derived buffers aside) with the model's shapes."""
     ours = {k: v for k, v in model.state_dict().items() if not is_derived_buffer(k)}
     mapped = {k: v for k, v in mapped.items() if not is_derived_buffer(k)}
-    unknown, missing = sorted(set(mapped) - set(ours)), sorted(set(ours) - set(mapped))
-    if unknown or missing:
-        raise CheckpointError(
-            "weights do not match the model the checkpoint's config describes: "
-            + (f"unknown keys {unknown}; " if unknown else "")
-            + (f"missing keys {missing}" if missing else "")
-        )
+    differences = _key_differences(mapped, ours)
+    if differences:
+        raise CheckpointError("weights do not match the model the checkpoint's config describes: " + differences)
     wrong = [f"{k}: {tuple(v.shape)} in the weights, {tuple(ours[k].shape)} in the config's model"
              for k, v in mapped.items() if tuple(v.shape) != tuple(ours[k].shape)]
     if wrong:
@@ -622,34 +632,13 @@ def convert_ema(
     return new
 
 
-def _mapped_key_table(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """fairchem key (as stored) -> our key (no prefix), for every non-derived key."""
-    prefixed = bool(state_dict) and all(k.startswith("module.") for k in state_dict)
-    legacy = is_legacy_layout(strip_prefix(state_dict))
-    table = {}
-    for key in state_dict:
-        bare = key[len("module."):] if prefixed else key
-        if not is_derived_buffer(bare):
-            table[key] = plugin_key(hydra_key(bare) if legacy else bare)
-    return table
-
-
 def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
     """In memory: a fairchem EquiformerV2 checkpoint -> the plugin's (see :func:`convert_checkpoint`)."""
     config, state_dict = checkpoint["config"], checkpoint["state_dict"]
     kind = checkpoint_kind(config)
     new_config = convert_config(config, state_dict)
     model = build_model(new_config["model"])
-    prefix = "module." if state_dict and all(k.startswith("module.") for k in state_dict) else ""
-    if kind == "plugin":
-        mapped = strip_prefix(state_dict)
-        mapped_keys = {k: k[len(prefix):] for k in state_dict}
-    else:
-        try:
-            mapped = map_fairchem_state_dict(state_dict)
-        except WeightMappingError as e:
-            raise CheckpointError(str(e)) from None
-        mapped_keys = _mapped_key_table(state_dict)
+    mapped = strip_prefix(state_dict) if kind == "plugin" else map_fairchem_state_dict(state_dict)
     _check_against_model(mapped, model)
     _check_finite(mapped, "weight")
     _check_normalizers(checkpoint)
@@ -657,9 +646,9 @@ def convert_checkpoint_dict(checkpoint: Mapping) -> dict:
     new = dict(checkpoint)
     new["config"] = new_config
     ordered = [k for k in model.state_dict() if k in mapped]  # our order, for readability
-    new["state_dict"] = {prefix + k: mapped[k] for k in ordered}
+    new["state_dict"] = {ddp_prefix(state_dict) + k: mapped[k] for k in ordered}
     if checkpoint.get("ema") and kind != "plugin":
-        new["ema"] = convert_ema(checkpoint["ema"], state_dict, mapped_keys, model)
+        new["ema"] = convert_ema(checkpoint["ema"], state_dict, fairchem_key_table(state_dict), model)
     if new.get("ema"):
         names = trainable_parameter_names(model)
         _check_finite(dict(zip(names, new["ema"].get("shadow_params") or [])), "EMA weight")

@@ -1,8 +1,8 @@
 """The ``fairchem-eqv2`` command line.
 
 Each subcommand is registered by a small ``_add_<name>(subparsers)`` function that builds
-its parser and sets ``handler`` (a function of the parsed arguments). To add one, write
-such a function and list it in :data:`_SUBCOMMANDS`.
+its parser with :func:`_add_parser`, naming its ``handler`` (a function of the parsed arguments). To
+add one, write such a function and list it in :data:`_SUBCOMMANDS`.
 
 User errors (:class:`~fairchem_equiformerv2.errors.UserInputError`) and the OS's (``OSError``: a
 missing file, a full disk, a read-only folder, with the path) are printed as one line on stderr with
@@ -96,6 +96,12 @@ def _add_force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true", help=f"replace {what} if it exists (default: refuse)")
 
 
+def _add_trust(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--trust", action="store_true", help=f"unpickle {what} fully (torch.load without weights_only) "
+                        "when it holds Python objects other than tensors and plain containers: only for files from "
+                        "a source you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fairchem-eqv2`` parser: one subparser per entry of :data:`_SUBCOMMANDS`."""
     from .. import __version__
@@ -141,24 +147,32 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def _add_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], None], *,
+                help: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """The subcommand ``name``: ``help`` in the command list, ``description`` and ``examples`` in its --help."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=_examples(*examples),
+                                   formatter_class=_HelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
     from .demo_data import DEFAULT_IS2RE_SIZES, DEFAULT_S2EF_SIZES, IS2RE_RECIPES
 
-    parser = subparsers.add_parser(
-        "demo-data",
+    parser = _add_parser(
+        subparsers, "demo-data", _run_demo_data,
         help="write small S2EF and IS2RE LMDB datasets labelled with ASE's EMT",
         description="Write small S2EF and IS2RE datasets labelled with ASE's EMT: "
         "OUT_DIR/{s2ef,is2re}/{train,val,test}/data.lmdb (+ metadata.npz) in fairchem's LMDB format (the OC20 "
         "format): adsorbates on fcc metal slabs, OC20 tags and fixed atoms. The same seed and sizes give "
         "byte-identical files. About 30 s with the default sizes. With --format aselmdb: the S2EF splits as "
         "ASE databases (OUT_DIR/s2ef/{train,val,test}/data.aselmdb + metadata.npz), which fairchem 2.x trains on.",
-        epilog=_examples(
+        examples=[
             "fairchem-eqv2 demo-data demo_data",
             "fairchem --mode train --config-yml configs/demo/s2ef.yml --cpu \\",
             "    --dataset.train.src=demo_data/s2ef/train --dataset.val.src=demo_data/s2ef/val",
             "fairchem-eqv2 demo-data demo_data_fairchem2 --format aselmdb   # for fairchem 2.x",
-        ),
-        formatter_class=_HelpFormatter,
+        ],
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if needed)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed, >= 0 (default: %(default)s)")
@@ -181,7 +195,6 @@ def _add_demo_data(subparsers: argparse._SubParsersAction) -> None:
         "relaxations, which move atoms further (for Noisy Nodes) (default: %(default)s)",
     )
     _add_force(parser, "the demo files in OUT_DIR")
-    parser.set_defaults(handler=_run_demo_data)
 
 
 def _run_demo_data(args: argparse.Namespace) -> None:
@@ -210,22 +223,21 @@ def _run_demo_data(args: argparse.Namespace) -> None:
 
 
 def _add_make_submission(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "make-submission",
+    parser = _add_parser(
+        subparsers, "make-submission", _run_make_submission,
         help="join per-split prediction files into one EvalAI submission .npz, validated",
         description="Join the per-split files of `fairchem --mode predict` (e.g. s2ef_predictions.npz, "
         "is2re_predictions.npz) into one EvalAI submission file, like fairchem's make_submission_file.py, "
         "after checking them: all splits present, unique ids, finite values, consistent shapes and chunk_idx. "
         "Nothing is written if a check fails (one line on stderr names the split, the file and the problem; exit "
         "status 2).",
-        epilog=_examples(
+        examples=[
             "fairchem-eqv2 make-submission --id id.npz --ood-ads ood_ads.npz --ood-cat ood_cat.npz \\",
             "    --ood-both ood_both.npz --out-path submission_s2ef.npz                     # OC20",
             "fairchem-eqv2 make-submission --dataset OC22 --id id.npz --ood ood.npz --out-path submission.npz",
             "fairchem-eqv2 make-submission --is2re-relaxations --id traj/id --ood-ads traj/ood_ads \\",
             "    --ood-cat traj/ood_cat --ood-both traj/ood_both --out-path submission_is2re.npz",
-        ),
-        formatter_class=_HelpFormatter,
+        ],
     )
     parser.add_argument("--id", metavar="PATH", help="ID split predictions (OC20 and OC22): a *_predictions.npz file")
     parser.add_argument("--ood-ads", metavar="PATH", help="OOD-Ads split predictions (OC20 only)")
@@ -248,7 +260,6 @@ def _add_make_submission(subparsers: argparse._SubParsersAction) -> None:
         help="with --is2re-relaxations: the split paths are S2EF prediction files; ids <sid>_<fid> become <sid>",
     )
     _add_force(parser, "--out-path")
-    parser.set_defaults(handler=_run_make_submission)
 
 
 def _run_make_submission(args: argparse.Namespace) -> None:
@@ -267,8 +278,8 @@ def _run_make_submission(args: argparse.Namespace) -> None:
 
 
 def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert-checkpoint",
+    parser = _add_parser(
+        subparsers, "convert-checkpoint", _run_convert_checkpoint,
         help="convert a fairchem EquiformerV2 checkpoint to one that uses this plugin",
         description="Read a fairchem EquiformerV2 checkpoint (the older single-model layout of the public OC20 "
         "checkpoints, or the hydra backbone/heads layout) and write a fairchem checkpoint whose config names "
@@ -277,12 +288,11 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         "map, or a weight that does not fit the config, is an error that lists them. With --to fairchem2 it "
         "writes a fairchem 2.x inference checkpoint instead (load_predict_unit, FAIRChemCalculator); run it "
         "where fairchem 1.x is installed, which reads the old checkpoints.",
-        epilog=_examples(
+        examples=[
             "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_plugin.pt",
             "fairchem-eqv2 convert-checkpoint old_ocp.pt new.pt --trust --force   # a file you trust, replacing new.pt",
             "fairchem-eqv2 convert-checkpoint eq2_31M_ec4_allmd.pt eq2_31M_fairchem2.pt --to fairchem2 --dataset oc20",
-        ),
-        formatter_class=_HelpFormatter,
+        ],
     )
     parser.add_argument("src", metavar="SRC", help="fairchem checkpoint (.pt)")
     parser.add_argument("dst", metavar="DST", help="checkpoint to write")
@@ -296,12 +306,7 @@ def _add_convert_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         "--dataset", default="oc20", metavar="NAME",
         help="with --to fairchem2: the dataset name its tasks serve, FAIRChemCalculator's task_name (default: %(default)s)",
     )
-    parser.add_argument(
-        "--trust", action="store_true",
-        help="unpickle SRC fully (torch.load without weights_only) when it holds Python objects other than "
-        "tensors and plain containers: only for files from a source you trust",
-    )
-    parser.set_defaults(handler=_run_convert_checkpoint)
+    _add_trust(parser, "SRC")
 
 
 def _run_convert_checkpoint(args: argparse.Namespace) -> None:
@@ -314,28 +319,22 @@ def _run_convert_checkpoint(args: argparse.Namespace) -> None:
 
 
 def _add_fix_checkpoint(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "fix-checkpoint",
+    parser = _add_parser(
+        subparsers, "fix-checkpoint", _run_fix_checkpoint,
         help="make a checkpoint trained with the plugin load in OCPCalculator(checkpoint_path=...)",
         description="Make a checkpoint trained with the plugin load in OCPCalculator(checkpoint_path=...).\n\n"
         "fairchem 1.10 stores the task name (s2ef, is2re) as config['trainer'] for runs of its "
         "forces/energy/equiformerv2_* trainers, and OCPCalculator(checkpoint_path=...) then fails with "
         "\"Failed to find the trainer 's2ef'\". This checks the checkpoint and writes a trainer name that loads.",
-        epilog=_examples(
+        examples=[
             "fairchem-eqv2 fix-checkpoint runs/checkpoints/<id>/best_checkpoint.pt fixed.pt",
             "fairchem-eqv2 fix-checkpoint runs/checkpoints/<id>/best_checkpoint.pt          # in place",
-        ),
-        formatter_class=_HelpFormatter,
+        ],
     )
     parser.add_argument("src", metavar="CHECKPOINT", help="checkpoint trained with the plugin")
     parser.add_argument("dst", metavar="DST", nargs="?", help="where to write (default: rewrite CHECKPOINT in place)")
-    parser.add_argument(
-        "--trust", action="store_true",
-        help="unpickle CHECKPOINT fully (torch.load without weights_only) when it holds Python objects other "
-        "than tensors and plain containers: only for files from a source you trust",
-    )
+    _add_trust(parser, "CHECKPOINT")
     _add_force(parser, "DST (when given and not CHECKPOINT itself)")
-    parser.set_defaults(handler=_run_fix_checkpoint)
 
 
 def _run_fix_checkpoint(args: argparse.Namespace) -> None:
@@ -345,25 +344,23 @@ def _run_fix_checkpoint(args: argparse.Namespace) -> None:
 
 
 def _add_noisy_nodes_scale(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "noisy-nodes-scale",
+    parser = _add_parser(
+        subparsers, "noisy-nodes-scale", _run_noisy_nodes_scale,
         help="measure the Noisy Nodes target normaliser (pos_std) on an IS2RE training split",
         description="Print the relaxed displacement of the free atoms of an IS2RE LMDB (with pos_relaxed) and "
         "the two choices of model.backbone.noisy_nodes.pos_std: the reference's mean norm of (relaxed - "
         "corrupted input) over corrupted inputs, which depends on the recipe's noise_std and interpolation, "
         "and the std of the displacement components.",
-        epilog=_examples(
+        examples=[
             "fairchem-eqv2 noisy-nodes-scale demo_data/is2re/train",
             "fairchem-eqv2 noisy-nodes-scale data/is2re/all/train --noise-std 0.3",
-        ),
-        formatter_class=_HelpFormatter,
+        ],
     )
     parser.add_argument("src", metavar="SRC", help="an IS2RE LMDB file or a folder of them (the training split)")
     parser.add_argument("--noise-std", type=float, default=0.3,
                         help="the recipe's noise_std, in A (default: %(default)s)")
     parser.add_argument("--no-interpolate", action="store_true",
                         help="the recipe has interpolate: False (noise only around the initial structure)")
-    parser.set_defaults(handler=_run_noisy_nodes_scale)
 
 
 def _run_noisy_nodes_scale(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from .safe_write import check_destination
 from .checkpoints import (
+    CONSERVATIVE_HEAD,
     CheckpointError,
     _atomic_save,
     _check_finite,
@@ -31,9 +32,6 @@ from .checkpoints import (
     read_checkpoint,
 )
 from ..errors import ConfigError
-
-CONSERVATIVE_HEAD = "fairchem_equiformerv2.ConservativeHead"
-
 
 def conservative_checkpoint_dict(checkpoint: dict, conservative_config: dict) -> dict:
     """``checkpoint`` (a fairchem checkpoint dict of a hydra model with this plugin's backbone) with the

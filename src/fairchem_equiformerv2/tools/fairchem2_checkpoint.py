@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import strip_prefix
 from ..errors import UserInputError
 
 CHECKPOINT_MODULE, CHECKPOINT_CLASS = "fairchem.core.units.mlip_unit.api.inference", "MLIPInferenceCheckpoint"
@@ -89,7 +90,7 @@ def fairchem2_checkpoint(
         "_target_": HYDRA_MODEL, "backbone": backbone, "heads": heads,
         "pass_through_head_outputs": True, "otf_graph": True, "supports_single_atoms": True,
     }
-    state = {_strip(k): v for k, v in plugin_checkpoint["state_dict"].items()}
+    state = strip_prefix(plugin_checkpoint["state_dict"])
     return _StandIn(model_config, state, _ema_state_dict(plugin_checkpoint.get("ema"), state, trainable_names), tasks)
 
 
@@ -97,12 +98,6 @@ def _fairchem2_class(name: str, what: str) -> str:
     if name not in FAIRCHEM2_CLASSES:
         raise Fairchem2ConversionError(f"{what}: {name} has no fairchem 2.x counterpart yet")
     return FAIRCHEM2_CLASSES[name]
-
-
-def _strip(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
 
 
 def _task(prop: str, level: str, dim: list[int], dataset: str, normalizers: Mapping, elementrefs: Mapping) -> dict:

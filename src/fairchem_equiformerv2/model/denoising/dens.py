@@ -40,11 +40,10 @@ the model is a plain EquiformerV2 whose ``l = 0`` input has the constant ``force
 added. The inputs are corrupted in training either by a trainer that sets those fields (fairchem's
 ``equiformerv2_dens``) or by the backbone itself when its config has a ``denoising`` block
 (:mod:`.dens_objective`: the objective with fairchem's plain trainers). The backbone passes what it
-saw to the heads as ``emb["denoising"]`` (:class:`DenoisingState`).
+saw to the heads as ``emb.denoising`` (:class:`DenoisingState`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import NamedTuple
@@ -54,9 +53,9 @@ from e3nn import o3
 from torch import nn
 
 from ..config import check_arguments, flag, optional
-from ..backbone import EquiformerV2Backbone
-from .dens_objective import DenoisingConfig, corrupt_batch, dens_generator
-from ...errors import ConfigError
+from ..backbone import BackboneOutput
+from .base import AuxiliaryTarget, CorruptingBackbone
+from .dens_objective import DENS_SALT, DenoisingConfig, corrupt_batch
 from ..heads import EnergyHead, ForceHead, StressHead
 from ...nn.linear import SO3Linear
 from ...nn.init import init_weights
@@ -78,23 +77,23 @@ def noise_mask(data) -> torch.Tensor | None:
 
 
 class DenoisingState(NamedTuple):
-    """What the heads need to know about the forward, ``emb["denoising"]``.
+    """What the heads need to know about the forward, :attr:`.BackboneOutput.denoising`.
 
     active: a denoising forward.
     mask: ``[N]`` bool, the corrupted atoms, or ``None`` (all atoms, when ``active``).
-    objective: with the backbone's ``denoising`` block, ``(target [N, 3], scale, output_name)`` for the
-        denoising output (see :mod:`.dens_objective`); ``None`` otherwise.
+    objective: with the backbone's ``denoising`` block, the denoising output's target
+        (:class:`.base.AuxiliaryTarget`, see :mod:`.dens_objective`); ``None`` otherwise.
     """
 
     active: bool
     mask: torch.Tensor | None
-    objective: tuple | None = None
+    objective: AuxiliaryTarget | None = None
 
 
-def denoising_state(data, emb: dict | None = None) -> DenoisingState:
-    """``emb["denoising"]`` when the backbone wrote it, else read from ``data``'s fields."""
-    if emb is not None and "denoising" in emb:
-        return emb["denoising"]
+def denoising_state(data, emb: BackboneOutput | None = None) -> DenoisingState:
+    """``emb.denoising`` when the backbone wrote it, else read from ``data``'s fields."""
+    if emb is not None and emb.denoising is not None:
+        return emb.denoising
     return DenoisingState(is_denoising(data), noise_mask(data) if is_denoising(data) else None)
 
 
@@ -118,10 +117,10 @@ def force_encoding(forces: torch.Tensor, lmax: int, mask: torch.Tensor | None = 
     return encoded.unsqueeze(2)
 
 
-class DeNSBackbone(EquiformerV2Backbone):
+class DeNSBackbone(CorruptingBackbone):
     """EquiformerV2 with the DeNS force encoding (fairchem's ``equiformer_v2_dens_backbone``).
 
-    Forward: as :class:`.EquiformerV2Backbone` (``{"node_embedding": [N, (lmax+1)**2, C], ...}``);
+    Forward: as :class:`.EquiformerV2Backbone` (a :class:`.BackboneOutput` with ``denoising`` set);
     on a denoising forward (``data.denoising_pos_forward``) the node features start from the atom
     embedding plus ``force_embedding(force_encoding(data.forces))`` (masked by ``data.noise_mask``),
     otherwise from the atom embedding plus ``force_embedding``'s bias.
@@ -140,6 +139,8 @@ class DeNSBackbone(EquiformerV2Backbone):
     ``dens_step`` (training forwards so far) then keep the random stream across checkpoints.
     """
 
+    stream, salt = "dens", (DENS_SALT,)
+
     def __init__(
         self, *args, use_force_encoding: bool = True, use_noise_schedule_sigma_encoding: bool = False,
         use_denoising_energy: bool = True, use_denoising_stress: bool = True, denoising: dict | None = None, **kwargs,
@@ -153,54 +154,32 @@ class DeNSBackbone(EquiformerV2Backbone):
         self.use_denoising_energy, self.use_denoising_stress = bool(use_denoising_energy), bool(use_denoising_stress)
         self.use_force_encoding = use_force_encoding
         self.use_noise_schedule_sigma_encoding = use_noise_schedule_sigma_encoding
-        self.force_embedding = SO3Linear(1, self.sphere_channels, self.lmax)
+        config = self.config
+        self.force_embedding = SO3Linear(1, config.sphere_channels, config.lmax)
         self.noise_schedule_sigma_embedding = None
         if use_noise_schedule_sigma_encoding:
-            self.noise_schedule_sigma_embedding = nn.Linear(1, self.sphere_channels)
+            self.noise_schedule_sigma_embedding = nn.Linear(1, config.sphere_channels)
         for module in (self.force_embedding, self.noise_schedule_sigma_embedding):
             if module is not None:
-                module.apply(lambda m: init_weights(m, self.weight_init))
+                module.apply(lambda m: init_weights(m, config.weight_init))
         self.denoising = None
         if denoising is not None:
-            if not isinstance(denoising, dict) and not hasattr(denoising, "items"):
-                raise ConfigError(f"{type(self).__name__}: denoising={denoising!r}: must be a mapping of DeNS settings")
-            try:
-                self.denoising = DenoisingConfig(**dict(denoising))
-            except TypeError as error:  # an unknown field
-                fields = [f.name for f in dataclasses.fields(DenoisingConfig)]
-                raise ConfigError(f"{type(self).__name__}: denoising: {error} (fields: {fields})") from None
+            self.denoising = DenoisingConfig.from_config(denoising)
             if self.denoising.noise_schedule and not use_noise_schedule_sigma_encoding:
                 logger.warning("denoising.noise_schedule without use_noise_schedule_sigma_encoding: the model is not told the noise level")
-            seed = torch.initial_seed() if self.denoising.seed is None else self.denoising.seed
-            self.register_buffer("dens_seed", torch.tensor(seed % (2**63), dtype=torch.long))
-            self.register_buffer("dens_step", torch.zeros((), dtype=torch.long))
+            self._start_stream(self.denoising.seed)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint trained without the objective (a converted fairchem one) fine-tunes with it
-        if self.denoising is not None:
-            for name in ("dens_seed", "dens_step"):
-                state_dict.setdefault(prefix + name, getattr(self, name).clone())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @staticmethod
-    def _rank() -> int:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return torch.distributed.get_rank() if distributed else 0
-
-    def forward(self, data) -> dict:
+    def forward(self, data) -> BackboneOutput:
         if self.denoising is None:
             emb = super().forward(data)
-            emb["denoising"] = denoising_state(data)
+            emb.denoising = denoising_state(data)
             return emb
-        generator = None
-        if self.training:
-            generator = dens_generator(int(self.dens_seed), self._rank(), int(self.dens_step))
-            self.dens_step += 1
+        generator = self.next_generator()[0] if self.training else None
         corrupted = corrupt_batch(data, self.denoising, generator)
         emb = super().forward(corrupted.data)
         state = denoising_state(corrupted.data)
-        objective = (corrupted.target, corrupted.scale, self.denoising.output_name)
-        emb["denoising"] = DenoisingState(state.active, state.mask, objective)
+        objective = AuxiliaryTarget(corrupted.target, corrupted.scale, self.denoising.output_name)
+        emb.denoising = DenoisingState(state.active, state.mask, objective)
         return emb
 
     def embed_atoms(self, data, atomic_numbers: torch.Tensor) -> torch.Tensor:
@@ -210,7 +189,7 @@ class DeNSBackbone(EquiformerV2Backbone):
         if denoising and self.use_force_encoding:
             if getattr(data, "forces", None) is None:
                 raise ValueError("a denoising forward (denoising_pos_forward) needs the original forces in data.forces")
-            encoded = force_encoding(data.forces.to(dtype), self.lmax, noise_mask(data))
+            encoded = force_encoding(data.forces.to(dtype), self.config.lmax, noise_mask(data))
         else:
             encoded = x.new_zeros(num_atoms, x.shape[1], 1, dtype=dtype)
         x = x + self.force_embedding(encoded.to(x.dtype))
@@ -246,7 +225,7 @@ class _DenoisingSwitch:
             use_denoising = getattr(backbone, f"use_denoising_{self.default_from}", True)
         self.use_denoising = bool(use_denoising)
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: BackboneOutput) -> dict:
         out = super().forward(data, emb)
         if denoising_state(data, emb).active and not self.use_denoising:
             out = {key: value * 0.0 for key, value in out.items()}
@@ -292,9 +271,9 @@ class DeNSForceHead(ForceHead):
     def __init__(self, backbone, output_name: str = "forces"):
         super().__init__(backbone, output_name=output_name)
         self.denoising_pos_block = backbone.compiled(backbone.make_attention(1, alpha_drop=0.0))
-        self.denoising_pos_block.apply(lambda m: init_weights(m, backbone.weight_init))
+        self.denoising_pos_block.apply(lambda m: init_weights(m, backbone.config.weight_init))
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: BackboneOutput) -> dict:
         state = denoising_state(data, emb)
         if state.objective is not None:
             return self._objective(data, emb, state)
@@ -312,8 +291,8 @@ class DeNSForceHead(ForceHead):
             return {self.output_name: noise}
         return {self.output_name: torch.where(mask.unsqueeze(1), noise, self.vector(self.force_block, emb))}
 
-    def _objective(self, data, emb: dict, state: DenoisingState) -> dict:
-        target, scale, name = state.objective
+    def _objective(self, data, emb: BackboneOutput, state: DenoisingState) -> dict:
+        objective, target = state.objective, state.objective.target
         forces = self.vector(self.force_block, emb)  # [N, 3]
         mask = state.mask if state.active else None
         if mask is not None:
@@ -324,8 +303,7 @@ class DeNSForceHead(ForceHead):
             noise = torch.where(keep, noise, 0.0 * noise)
         else:
             noise = torch.zeros_like(target)
-        data[name] = (target * scale).to(noise.dtype)
-        return {self.output_name: forces, name: noise * scale}
+        return {self.output_name: forces, objective.output_name: objective.answer(data, noise, dtype=noise.dtype)}
 
 
 class DeNSStressHead(_DenoisingSwitch, StressHead):

@@ -43,16 +43,40 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from ...errors import ConfigError
+from ..config import ConfigBlock, Rule, boolean, integer, optional, real
+from .base import seeded_generator
+
+DENS_SALT = 0xDE45  # mixed into the stream's seed after (seed, rank, step)
 
 __all__ = ["DenoisingConfig", "DenoisingDraws", "draw_denoising", "corrupted_atoms", "dens_generator", "corrupt_batch"]
 
 
+def _new_output_name(value) -> str | None:
+    ok = isinstance(value, str) and value not in ("", "energy", "forces", "stress")
+    return None if ok else "must be a new output name (not energy, forces or stress)"
+
+
+#: The rule of each field of :class:`DenoisingConfig` (:mod:`.config`'s, as Noisy Nodes' fields).
+DENOISING_RULES: dict[str, Rule] = {
+    "probability": real(0, maximum=1),
+    "noise_std": real(0, above=True),
+    "noise_schedule": boolean,
+    "std_low": real(0, above=True),
+    "std_high": real(0, above=True),
+    "num_steps": integer(1),
+    "corrupt_ratio": optional(real(0, above=True, maximum=1)),
+    "all_atoms": boolean,
+    "coefficient": real(0),
+    "output_name": _new_output_name,
+    "seed": optional(integer(0)),
+}
+
+
 @dataclasses.dataclass(frozen=True)
-class DenoisingConfig:
+class DenoisingConfig(ConfigBlock):
     """The ``denoising`` block of :class:`.dens.DeNSBackbone`'s config (all optional).
 
     probability: chance that a training batch is corrupted.
@@ -66,6 +90,9 @@ class DenoisingConfig:
     coefficient: the denoising loss coefficient (configure the output's own loss coefficient as 1).
     output_name: the name of the denoising output and of the target written into the batch.
     seed: the random stream's seed; ``null`` = ``torch.initial_seed()`` when the model is built.
+
+    Each field is checked with :data:`DENOISING_RULES`, and ``std_high >= std_low``
+    (:class:`ConfigError` names the field and value: ``denoising.<field>=...``).
     """
 
     probability: float = 0.5
@@ -80,28 +107,12 @@ class DenoisingConfig:
     output_name: str = "denoising"
     seed: int | None = None
 
+    block, rules = "denoising", DENOISING_RULES
+
     def __post_init__(self):
-        def check(ok, field, message):
-            if not ok:
-                raise ConfigError(f"denoising.{field}={getattr(self, field)!r}: {message}")
-
-        def real(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        check(real(self.probability) and 0 <= self.probability <= 1, "probability", "must be in [0, 1]")
-        check(real(self.noise_std) and self.noise_std > 0, "noise_std", "must be > 0 (Å)")
-        check(isinstance(self.noise_schedule, bool), "noise_schedule", "must be true or false")
-        check(real(self.std_low) and self.std_low > 0, "std_low", "must be > 0 (Å)")
-        check(real(self.std_high) and self.std_high >= self.std_low, "std_high", "must be >= std_low")
-        check(isinstance(self.num_steps, int) and not isinstance(self.num_steps, bool) and self.num_steps >= 1,
-              "num_steps", "must be a whole number >= 1")
-        check(self.corrupt_ratio is None or (real(self.corrupt_ratio) and 0 < self.corrupt_ratio <= 1),
-              "corrupt_ratio", "must be in (0, 1] or null (every atom)")
-        check(isinstance(self.all_atoms, bool), "all_atoms", "must be true or false")
-        check(real(self.coefficient) and self.coefficient >= 0, "coefficient", "must be >= 0")
-        check(isinstance(self.output_name, str) and self.output_name not in ("", "energy", "forces", "stress"),
-              "output_name", "must be a new output name (not energy, forces or stress)")
-        check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", "must be >= 0 or null")
+        super().__post_init__()
+        if self.std_high < self.std_low:
+            raise ConfigError(f"denoising.std_high={self.std_high!r}: must be >= std_low")
 
     @property
     def target_scale(self) -> float:
@@ -125,9 +136,8 @@ class DenoisingDraws(NamedTuple):
 
 
 def dens_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on ``(seed, rank, step)``."""
-    state = np.random.SeedSequence([int(seed), int(rank), int(step), 0xDE45]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    """A CPU generator whose stream depends only on ``(seed, rank, step)`` (salted: not Noisy Nodes')."""
+    return seeded_generator(seed, rank, step, DENS_SALT)
 
 
 def draw_denoising(

@@ -38,12 +38,12 @@ import copy
 import dataclasses
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from ...errors import ConfigError
-from ..backbone import EquiformerV2Backbone
-from ..config import Rule, boolean, check_arguments, check_block, integer, one_of, optional, real
+from ..backbone import BackboneOutput
+from ..config import ConfigBlock, Rule, boolean, check_arguments, integer, one_of, optional, real
+from .base import AuxiliaryTarget, CorruptingBackbone, seeded_generator
 from ..heads import ForceHead
 
 __all__ = [
@@ -76,7 +76,7 @@ CONFIG_RULES: dict[str, Rule] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class NoisyNodesConfig:
+class NoisyNodesConfig(ConfigBlock):
     """The ``noisy_nodes`` block of the backbone's config (all optional).
 
     probability: chance that a training structure is corrupted (per structure).
@@ -106,14 +106,7 @@ class NoisyNodesConfig:
     loss: str = "l1"
     seed: int | None = None
 
-    def __post_init__(self):
-        check_block(dataclasses.asdict(self), CONFIG_RULES, "noisy_nodes")
-
-    @classmethod
-    def from_config(cls, values) -> NoisyNodesConfig:
-        """The config of the ``noisy_nodes`` block ``values`` (a mapping; ``None`` = the defaults);
-        :class:`ConfigError` names a bad or unknown field and its value (``noisy_nodes.<field>=...``)."""
-        return cls(**check_block(values, CONFIG_RULES, "noisy_nodes"))
+    block, rules = "noisy_nodes", CONFIG_RULES
 
 
 class LinearCoefficientSchedule:
@@ -148,10 +141,7 @@ class Corruption(NamedTuple):
     noise: torch.Tensor
 
 
-def noisy_nodes_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on ``(seed, rank, step)``."""
-    state = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+noisy_nodes_generator = seeded_generator  # (seed, rank, step) -> the stream of a training forward
 
 
 def draw_corruption(
@@ -259,28 +249,23 @@ def mean_corrupted_target_norm(displacement: torch.Tensor, noise_std: float = 0.
 # ------------------------------------------------------------------------------------------------
 # modules
 # ------------------------------------------------------------------------------------------------
-class NoisyNodesBackbone(EquiformerV2Backbone):
+class NoisyNodesBackbone(CorruptingBackbone):
     """:class:`.EquiformerV2Backbone` that corrupts its input in training (Noisy Nodes).
 
     Takes every argument of the backbone plus ``noisy_nodes`` (a dict, see :class:`NoisyNodesConfig`).
-    The embedding dict gains ``"noisy_nodes": {"target": [N, 3], "coefficient": float}`` for
-    :class:`NoisyNodesHead`. Buffers ``noisy_nodes_seed`` and ``noisy_nodes_step`` (training forwards
+    Its :class:`.BackboneOutput` gains ``noisy_nodes``: the target ``[N, 3]`` and the coefficient
+    (:class:`.base.AuxiliaryTarget`) for :class:`NoisyNodesHead`. Buffers ``noisy_nodes_seed`` and ``noisy_nodes_step`` (training forwards
     so far) are saved in checkpoints, so a resumed run continues the same random stream.
     """
+
+    stream = "noisy_nodes"
 
     def __init__(self, *args, noisy_nodes: dict | None = None, **kwargs):
         config = NoisyNodesConfig.from_config(noisy_nodes)  # before the model is built: a bad field fails fast
         super().__init__(*args, **kwargs)
         self.noisy_nodes = config
-        cfg = self.noisy_nodes
-        self.coefficient_schedule = LinearCoefficientSchedule(cfg.coefficient_start, cfg.coefficient_end, cfg.decay_steps)
-        seed = torch.initial_seed() if cfg.seed is None else int(cfg.seed)
-        self.register_buffer("noisy_nodes_seed", torch.tensor(seed % (2**63), dtype=torch.long))
-        self.register_buffer("noisy_nodes_step", torch.zeros((), dtype=torch.long))
-
-    @staticmethod
-    def _rank() -> int:
-        return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        self.coefficient_schedule = LinearCoefficientSchedule(config.coefficient_start, config.coefficient_end, config.decay_steps)
+        self._start_stream(config.seed)
 
     def corrupt(self, data):
         """``(model input, target [N, 3], coefficient)`` for ``data``; in training the input is a
@@ -296,8 +281,7 @@ class NoisyNodesBackbone(EquiformerV2Backbone):
             if not self.training:
                 return data, denoising_target(pos, pos, displacement, cfg.pos_std, cfg.noise_std), 1.0
 
-            step = int(self.noisy_nodes_step)
-            generator = noisy_nodes_generator(int(self.noisy_nodes_seed), self._rank(), step)
+            generator, step = self.next_generator()
             corruption = draw_corruption(len(data.natoms), pos.shape[0], cfg.probability, cfg.noise_std,
                                          generator, pos.dtype, pos.device)
             movable = None
@@ -306,15 +290,14 @@ class NoisyNodesBackbone(EquiformerV2Backbone):
             corrupted = corrupt_positions(pos, data.batch, corruption,
                                           displacement if cfg.interpolate else None, movable)
             target = denoising_target(pos, corrupted, displacement, cfg.pos_std, cfg.noise_std)
-            self.noisy_nodes_step += 1
         noisy = copy.copy(data)
         noisy.pos = corrupted
         return noisy, target, self.coefficient_schedule(step) * LOSS_SCALE[cfg.loss]
 
-    def forward(self, data) -> dict:
+    def forward(self, data) -> BackboneOutput:
         model_input, target, coefficient = self.corrupt(data)
         emb = super().forward(model_input)
-        emb["noisy_nodes"] = {"target": target, "coefficient": coefficient}
+        emb.noisy_nodes = AuxiliaryTarget(target, coefficient)
         return emb
 
     def extra_repr(self) -> str:
@@ -339,8 +322,6 @@ class NoisyNodesHead(ForceHead):
             )
         super().__init__(backbone, output_name=output_name)
 
-    def forward(self, data, emb: dict) -> dict:
+    def forward(self, data, emb: BackboneOutput) -> dict:
         prediction = super().forward(data, emb)[self.output_name]  # [N, 3]
-        coefficient = emb["noisy_nodes"]["coefficient"]
-        data[self.output_name] = emb["noisy_nodes"]["target"] * coefficient
-        return {self.output_name: prediction * coefficient}
+        return {self.output_name: emb.noisy_nodes.answer(data, prediction, self.output_name)}

@@ -1,14 +1,15 @@
 """Plain autograd: every block differentiable to any order, through the rotations and radial features.
 
-The blocks of ``nn/`` train through memory-lean ``torch.autograd.Function``s (``scatter.py``,
-``activation.py``, ``dense.py``, ``linear.py``, ``so2_conv.py``) and keep some tensors by recomputing
-them (``recompute.py``). Those backward passes treat the edge rotations as constants and are first
-order only: right for direct forces, where nothing differentiates with respect to the geometry.
+The functional ops of ``nn/ops/`` (``dense.py``, ``scatter.py``, ``so2.py``, ``grid.py``,
+``linear.py``) train through memory-lean ``torch.autograd.Function``s, and the blocks keep some
+tensors by recomputing them (``recompute.py``). Those backward passes treat the edge rotations as
+constants and are first order only: right for direct forces, where nothing differentiates with
+respect to the geometry.
 
 Forces and stress as gradients of the energy (``model/conservative.py``) differentiate the energy with
 respect to positions (through the edge vectors, frames, Wigner matrices and radial features), and
 training them differentiates that gradient again (``create_graph``). Inside :func:`plain_autograd`,
-every block takes its plain-torch path (the one it takes under ``torch.compile``), which autograd
+every op takes its plain-torch path (the one it takes under ``torch.compile``), which autograd
 differentiates natively, to any order. The flag is per thread.
 """
 from __future__ import annotations

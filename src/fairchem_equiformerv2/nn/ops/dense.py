@@ -107,8 +107,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``nn.functional.linear``: ``x [..., in]``, ``weight [out, in]``, ``bias [out]`` -> ``[..., out]``,
-    with autograd."""
+    """``y = x W^T + b`` (``nn.functional.linear``): ``x [..., in]``, ``weight W [out, in]``, ``bias b [out]``
+    -> ``[..., out]``, with autograd (:class:`_Linear` on the oneDNN route)."""
     operands = (x, weight) if bias is None else (x, weight, bias)
     if not uses_onednn(*operands):
         return nn.functional.linear(x, weight, bias)
@@ -118,7 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class _Linear(torch.autograd.Function):
-    """``linear`` through oneDNN, forward and backward."""
+    """:func:`linear` through oneDNN, forward and backward; differentiates ``x``, ``weight`` and ``bias``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):

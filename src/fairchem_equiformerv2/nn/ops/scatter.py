@@ -119,6 +119,8 @@ def _scatter_sum(src, index, size, rotation):
 
 
 class _GatherPairs(torch.autograd.Function):
+    """:func:`gather_pairs` keeping only the indices (and rotations); differentiates ``x`` only."""
+
     @staticmethod
     def forward(ctx, x, source, target, rotation):
         ctx.save_for_backward(source, target, rotation)
@@ -142,6 +144,8 @@ class _GatherPairs(torch.autograd.Function):
 
 
 class _ScatterSum(torch.autograd.Function):
+    """:func:`scatter_sum` keeping only the indices (and rotations); differentiates ``src`` only."""
+
     @staticmethod
     def forward(ctx, src, index, size, rotation):
         ctx.save_for_backward(index, rotation)
